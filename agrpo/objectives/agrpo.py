@@ -1,0 +1,241 @@
+"""The AGRPO objective: a Monte Carlo estimate of the per-step PPO loss over the denoising trajectory.
+
+AGRPO.md §2. For each completion (row) K steps t_k are drawn; the state x_t is rebuilt from
+the rollout record (completion position i is [MASK] iff it was committed at or after t; the
+prompt is never masked), one forward pass scores the tokens committed at t under the same
+filter and temperature the sampler used, and
+
+    L_row ~= (1 / K) * sum_k w_k * L_{t_k},     E[L_row] = (1 / T_eff) * sum_t L_t.
+
+Step sampling: `uniform` (iid), `low_discrepancy` (one stratified sweep over all B*K draws of
+the batch, as the official code) or `stratified` (a stratified sweep per row: with K = T_eff
+every step is drawn exactly once). `importance="entropy"` draws t with probability
+proportional to the entropy committed at t and weights by (1/T_eff)/q(t). All are unbiased:
+each draw is marginally uniform (or q) and the weights undo q.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from agrpo.errors import AgrpoError
+from agrpo.objectives.common import clipped_surrogate, k3_kl
+from agrpo.policy import unwrap
+from agrpo.sampling import Rollout, token_log_prob
+
+STEP_SAMPLING = ("uniform", "low_discrepancy", "stratified")
+IMPORTANCE = ("none", "entropy")
+NORMALIZATION = ("sequence", "token")
+ENTROPY_FLOOR = 1e-3  # fraction of the mean step entropy added to every step, so q(t) > 0
+
+
+@dataclass
+class StepPlan:
+    """The sampled steps of one batch, one entry per (row, draw)."""
+
+    row: torch.Tensor  # [S] long: rollout row
+    t: torch.Tensor  # [S] long: sampled step
+    weight: torch.Tensor  # [S] float: importance weight w = (1/T_eff) / q(t) (1 for uniform draws)
+    coef: torch.Tensor  # [S] float: multiplier of the sample's token-loss sum in the batch loss
+    positions: torch.Tensor  # [S, k] long: completion positions committed at t (padded)
+    valid: torch.Tensor  # [S, k] bool: real entries of `positions`
+
+
+def _uniforms(n_rows: int, k: int, scheme: str, generator, device) -> torch.Tensor:
+    """[n_rows, k] draws, each marginally U[0, 1)."""
+    if scheme == "uniform":
+        return torch.rand(n_rows, k, generator=generator, device=device, dtype=torch.float64)
+    if scheme == "low_discrepancy":
+        total = n_rows * k
+        perm = torch.randperm(total, generator=generator, device=device).double()
+        jitter = torch.rand(total, generator=generator, device=device, dtype=torch.float64)
+        return ((perm + jitter) / total).view(n_rows, k)
+    if scheme == "stratified":
+        perm = torch.argsort(torch.rand(n_rows, k, generator=generator, device=device), dim=1).double()
+        jitter = torch.rand(n_rows, k, generator=generator, device=device, dtype=torch.float64)
+        return (perm + jitter) / k
+    raise AgrpoError(f"unknown step_sampling {scheme!r}: choose one of {', '.join(STEP_SAMPLING)}")
+
+
+def step_distribution(rollout: Rollout, importance: str) -> torch.Tensor:
+    """q_b(t) [B, T] in float64 over t < T_eff (rows with T_eff = 0 are all zero)."""
+    bsz, steps = rollout.step.shape[0], rollout.config.steps
+    t_eff = rollout.t_eff
+    live = torch.arange(steps, device=t_eff.device)[None] < t_eff[:, None]
+    if importance == "none":
+        q = live.double()
+    elif importance == "entropy":
+        h = torch.zeros(bsz, steps + 1, dtype=torch.float64, device=t_eff.device)
+        ent = torch.where(rollout.sampled, rollout.entropy.double(), torch.zeros_like(rollout.entropy, dtype=torch.float64))
+        h.scatter_add_(1, rollout.step.clamp(0, steps), ent)
+        h = h[:, :steps] * live
+        mean = h.sum(1, keepdim=True) / t_eff[:, None].clamp(min=1)
+        floor = ENTROPY_FLOOR * mean + 1e-12
+        q = (h + floor) * live
+    else:
+        raise AgrpoError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCE)}")
+    return q / q.sum(1, keepdim=True).clamp(min=1e-300)
+
+
+def plan_steps(
+    rollout: Rollout,
+    num_samples: int,
+    step_sampling: str = "low_discrepancy",
+    importance: str = "none",
+    normalization: str = "sequence",
+    row_valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepPlan:
+    """Draw K steps per row and precompute everything the loss needs but the forward passes."""
+    if num_samples < 1:
+        raise AgrpoError(f"num_samples (K) must be >= 1, got {num_samples}")
+    if normalization not in NORMALIZATION:
+        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    device = rollout.step.device
+    t_eff = rollout.t_eff
+    keep = t_eff > 0
+    if row_valid is not None:
+        keep = keep & row_valid.to(device)
+    rows = keep.nonzero().squeeze(1)
+    k = num_samples
+    q = step_distribution(rollout, importance)[rows]  # [R, T]
+    u = _uniforms(rows.numel(), k, step_sampling, generator, device)  # [R, K]
+    cdf = q.cumsum(1)
+    t = torch.searchsorted(cdf, u, right=True)
+    t = torch.minimum(t, (t_eff[rows] - 1)[:, None])
+    # w = (1 / T_eff) / q(t); exactly 1 when q is uniform over the live steps
+    weight = 1.0 / (t_eff[rows, None].double() * q.gather(1, t))
+    if importance == "none":
+        weight = torch.ones_like(weight)
+
+    row = rows[:, None].expand(-1, k).reshape(-1)
+    t = t.reshape(-1)
+    weight = weight.reshape(-1)
+    sel = (rollout.step[row] == t[:, None]) & rollout.sampled[row]  # [S, C]
+    width = max(int(sel.sum(1).max()) if sel.numel() else 0, 1)
+    order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]
+    valid = sel.gather(1, order)
+    if normalization == "sequence":
+        # the official normalisation: sum of the sampled steps' token losses / (K * G),
+        # averaged over groups = mean over rows of (1/K) sum_k w_k L_{t_k}
+        denom = float(k * max(rows.numel(), 1))
+    else:
+        denom = float(max(int(valid.sum()), 1))
+    return StepPlan(row=row, t=t, weight=weight.float(), coef=(weight / denom).float(), positions=order, valid=valid)
+
+
+def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t for each (row, t): completion positions committed at or after t are [MASK] (AGRPO.md §1, check 3)."""
+    x = rollout.tokens[row].clone()
+    hidden = rollout.step[row] >= t[:, None]
+    x[:, rollout.prompt_len :] = x[:, rollout.prompt_len :].masked_fill(hidden, rollout.mask_id)
+    return x
+
+
+def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn):
+    row, t = plan.row[idx], plan.t[idx]
+    pos, valid = plan.positions[idx], plan.valid[idx]
+    x = rebuild_states(rollout, row, t)
+    attn = rollout.attention_mask[row]
+    abs_pos = rollout.prompt_len + pos
+    tokens = rollout.completion[row].gather(1, pos)
+    filt = None
+    if rollout.filter_ids is not None:
+        f = rollout.filter_ids[row]
+        filt = f.gather(1, pos[:, :, None].expand(-1, -1, f.shape[-1]))
+    temperature = rollout.config.temperature
+    logits = policy(x, abs_pos, attn)
+    logp, _ = token_log_prob(logits, tokens, temperature, filt, rollout.mask_id)
+    old = rollout.logp[row].gather(1, pos)
+    adv = advantages[row][:, None]
+    per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high)
+    kl = torch.zeros_like(per_tok)
+    if beta > 0:
+        with torch.no_grad():
+            ref_logp, _ = token_log_prob(ref_logits_fn(x, abs_pos, attn), tokens, temperature, filt, rollout.mask_id)
+        kl = k3_kl(logp, ref_logp, ratio)
+        per_tok = per_tok + beta * kl
+    per_tok = per_tok.masked_fill(~valid, 0.0)
+    loss = (plan.coef[idx] * per_tok.sum(1)).sum()
+    stats = {
+        "tokens": valid.sum().item(),
+        "clipped": (clipped & valid).sum().item(),
+        "ratio_sum": ratio.detach().masked_fill(~valid, 0.0).sum().item(),
+        "kl_sum": kl.detach().masked_fill(~valid, 0.0).sum().item(),
+    }
+    return loss, stats
+
+
+def agrpo_loss(
+    policy: nn.Module,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    *,
+    num_samples: int = 8,
+    step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = "low_discrepancy",
+    importance: Literal["none", "entropy"] = "none",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logits_fn: Callable | None = None,
+    normalization: Literal["sequence", "token"] = "sequence",
+    row_valid: torch.Tensor | None = None,
+    max_rows_per_forward: int | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+    plan: StepPlan | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """AGRPO loss of a batch of rollouts -> (loss, metrics).
+
+    advantages [B] (from `group_advantages`), row_valid [B] drops rows whose reward was None.
+    The K draws of all rows run as batched forwards of at most `max_rows_per_forward`
+    sequences. With `backward` (e.g. `accelerator.backward`) each chunk is back-propagated as
+    soon as it is computed, so memory holds one chunk's activations; the returned loss is then
+    detached. `ref_logits_fn(x, positions, attention_mask)` gives the reference logits for the
+    KL term (required when beta > 0).
+    """
+    if rollout.config.temperature <= 0:
+        raise AgrpoError("rollouts sampled greedily (temperature 0) have no policy gradient: sample with temperature > 0")
+    if advantages.shape[0] != rollout.tokens.shape[0]:
+        raise AgrpoError(
+            f"got {advantages.shape[0]} advantages for {rollout.tokens.shape[0]} rollouts: one per completion"
+        )
+    if beta > 0 and ref_logits_fn is None:
+        raise AgrpoError("beta > 0 needs a reference: pass ref_logits_fn (a frozen copy or the adapter disabled)")
+    if plan is None:
+        plan = plan_steps(rollout, num_samples, step_sampling, importance, normalization, row_valid, generator)
+    advantages = advantages.to(rollout.logp.device, torch.float32)
+    n = plan.row.numel()
+    chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
+    total = None
+    agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0}
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(n, start + chunk), device=plan.row.device)
+        loss, stats = _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn)
+        if backward is not None:
+            backward(loss)
+            loss = loss.detach()
+        total = loss if total is None else total + loss
+        for key in agg:
+            agg[key] += stats[key]
+    if total is None:  # nothing to learn from (every reward None, or empty completions)
+        core = unwrap(policy)
+        total = sum(p.sum() * 0.0 for p in core.parameters() if p.requires_grad)
+        if backward is not None and isinstance(total, torch.Tensor) and total.requires_grad:
+            backward(total)
+            total = total.detach()
+    tokens = max(agg["tokens"], 1)
+    metrics = {
+        "loss": float(total.detach()),
+        "clip_frac": agg["clipped"] / tokens,
+        "ratio_mean": agg["ratio_sum"] / tokens if agg["tokens"] else 1.0,
+        "kl": agg["kl_sum"] / tokens,
+        "loss_tokens": agg["tokens"],
+        "samples": n,
+    }
+    return total, metrics

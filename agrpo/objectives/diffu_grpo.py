@@ -1,0 +1,106 @@
+"""diffu-GRPO (d1), the baseline AGRPO is compared with (AGRPO.md §3).
+
+Per-token log-probs come from ONE forward pass in which every completion token is [MASK]
+and each real prompt token is masked independently with probability p: a mean-field,
+one-step estimate of the sequence likelihood (biased; cheap). The recipe runs `mu` inner
+iterations on one batch of rollouts, each with a fresh prompt mask, and the "old" log-probs
+of each iteration are taken with that iteration's mask before any update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from agrpo.errors import AgrpoError
+from agrpo.objectives.common import clipped_surrogate, k3_kl
+from agrpo.sampling import Rollout
+
+
+def random_prompt_mask(rollout: Rollout, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, P+C] bool: True on real prompt tokens chosen (each with probability p) to be masked."""
+    if not 0 <= p < 1:
+        raise AgrpoError(f"prompt mask probability must be in [0, 1), got {p}")
+    tokens = rollout.tokens
+    draw = torch.rand(tokens.shape, generator=generator, device=tokens.device) < p
+    draw[:, rollout.prompt_len :] = False
+    return draw & rollout.attention_mask.bool()
+
+
+def loss_mask(rollout: Rollout) -> torch.Tensor:
+    """[B, C] bool: tokens the objectives learn from (drawn by the policy, before T_eff)."""
+    return rollout.sampled & (rollout.step < rollout.t_eff[:, None])
+
+
+def mean_field_logp(
+    policy: nn.Module, rollout: Rollout, prompt_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """[B, C] log p(x_i) with the whole completion masked and the prompt masked where prompt_mask."""
+    x = rollout.tokens.clone()
+    x[:, rollout.prompt_len :] = rollout.mask_id
+    x = x.masked_fill(prompt_mask, rollout.mask_id)
+    bsz, gen = rollout.completion.shape
+    positions = rollout.prompt_len + torch.arange(gen, device=x.device).expand(bsz, gen)
+    logits = policy(x, positions, rollout.attention_mask)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, rollout.completion[:, :, None]).squeeze(-1)
+
+
+def diffu_grpo_loss(
+    policy: nn.Module,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    old_logp: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    normalization: Literal["sequence", "token"] = "sequence",
+    row_valid: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """One inner iteration of diffu-GRPO -> (loss, metrics).
+
+    old_logp / ref_logp [B, C] are `mean_field_logp` under the same prompt mask, taken before
+    the update (old) and with the reference model (ref). normalization "sequence" averages
+    each row's tokens then the rows (as d1); "token" averages all loss tokens of the batch.
+    """
+    bsz = rollout.tokens.shape[0]
+    if advantages.shape[0] != bsz:
+        raise AgrpoError(f"got {advantages.shape[0]} advantages for {bsz} rollouts: one per completion")
+    if beta > 0 and ref_logp is None:
+        raise AgrpoError("beta > 0 needs ref_logp from the reference model")
+    if normalization not in ("sequence", "token"):
+        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of sequence, token")
+    mask = loss_mask(rollout)
+    if row_valid is not None:
+        mask = mask & row_valid.to(mask.device)[:, None]
+    logp = mean_field_logp(policy, rollout, prompt_mask, temperature)
+    adv = advantages.to(logp.device, torch.float32)[:, None]
+    per_tok, ratio, clipped = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)
+    kl = torch.zeros_like(per_tok)
+    if beta > 0:
+        kl = k3_kl(logp, ref_logp, ratio)
+        per_tok = per_tok + beta * kl
+    per_tok = per_tok.masked_fill(~mask, 0.0)
+    maskf = mask.float()
+    if normalization == "sequence":
+        rows = mask.any(1)
+        per_row = per_tok.sum(1) / maskf.sum(1).clamp(min=1)
+        loss = per_row.sum() / rows.sum().clamp(min=1)
+    else:
+        loss = per_tok.sum() / maskf.sum().clamp(min=1)
+    tokens = max(int(mask.sum()), 1)
+    metrics = {
+        "loss": float(loss.detach()),
+        "clip_frac": float((clipped & mask).sum()) / tokens,
+        "ratio_mean": float(ratio.detach().masked_fill(~mask, 0.0).sum()) / tokens,
+        "kl": float(kl.detach().masked_fill(~mask, 0.0).sum()) / tokens,
+        "loss_tokens": int(mask.sum()),
+    }
+    return loss, metrics

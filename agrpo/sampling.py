@@ -1,0 +1,346 @@
+"""Semi-autoregressive block sampler for masked diffusion LMs (AGRPO.md §1).
+
+One call of `generate` writes a completion of `gen_length` tokens in `steps` denoising
+steps, block by block, and returns a `Rollout`: the tokens plus, for every committed
+position, the step that committed it, its log-probability under the filtered, tempered
+distribution it was drawn from, that distribution's entropy, and the filter itself
+(the kept token ids, O(B*C*top_k) int32, never a B x C x V mask). That record is what
+lets the AGRPO objective rebuild the exact state and distribution of any step later.
+
+Why it is fast (NOTES.md measured the obvious sampler at 6.6 tokens/s):
+* logits only where needed: with `random` remasking the committed positions do not depend
+  on the model, so they are drawn first and the LM head runs on those k rows alone;
+  the other rules need the masked positions of the current block only;
+* the filter works on `topk` output (sorted), never sorts the vocabulary;
+* sampling noise is float32 over the kept tokens only;
+* rows that stopped at EOS leave the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from agrpo.errors import AgrpoError
+from agrpo.policy import unwrap
+
+REMASKING = ("random", "low_confidence", "entropy", "margin")
+
+
+@dataclass
+class SamplingConfig:
+    gen_length: int = field(default=64, metadata={"help": "completion length C in tokens"})
+    block_length: int = field(default=16, metadata={"help": "semi-autoregressive block length; must divide gen_length"})
+    steps: int = field(default=32, metadata={"help": "denoising steps T; gen_length/steps tokens are committed a step"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (ties at the boundary kept); 0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus mass in (0, 1]; 1 = off"})
+    remasking: Literal["random", "low_confidence", "entropy", "margin"] = field(
+        default="random", metadata={"help": "which masked positions of the block are committed each step"}
+    )
+    stop_at_eos: bool = field(default=True, metadata={"help": "stop a row once a whole block is EOS; fill the rest with EOS"})
+
+    def validate(self) -> None:
+        c, bl, t = self.gen_length, self.block_length, self.steps
+        if c <= 0 or bl <= 0 or t <= 0:
+            raise AgrpoError(f"gen_length, block_length and steps must be positive (got {c}, {bl}, {t})")
+        if c % bl:
+            raise AgrpoError(f"block_length={bl} must divide gen_length={c}: pick a divisor of {c}")
+        blocks = c // bl
+        if t % blocks:
+            raise AgrpoError(f"steps={t} must be a multiple of the number of blocks gen_length/block_length={blocks}")
+        if bl % (t // blocks):
+            raise AgrpoError(
+                f"steps={t} gives {t // blocks} steps per block, which does not divide block_length={bl}: "
+                f"gen_length/steps must be a whole number of tokens a step"
+            )
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise AgrpoError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise AgrpoError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise AgrpoError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.remasking not in REMASKING:
+            raise AgrpoError(f"unknown remasking {self.remasking!r}: choose one of {', '.join(REMASKING)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.gen_length // self.steps
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // (self.gen_length // self.block_length)
+
+
+@dataclass
+class Rollout:
+    """What a batch of generations leaves behind for the objectives (AGRPO.md §1)."""
+
+    tokens: torch.Tensor  # [B, P+C] long: prompt (left-padded) + completion
+    attention_mask: torch.Tensor  # [B, P+C] long: 0 on prompt padding
+    prompt_len: int  # P
+    step: torch.Tensor  # [B, C] long: step at which each completion position was committed
+    logp: torch.Tensor  # [B, C] float32: log p_old(token | x_step) under the filtered, tempered distribution
+    entropy: torch.Tensor  # [B, C] float32: entropy of that distribution
+    sampled: torch.Tensor  # [B, C] bool: drawn by the policy (False for the EOS fill after an early stop)
+    filter_ids: torch.Tensor | None  # [B, C, W] int32: kept token ids, -1 = unused slot; None = no filter
+    t_eff: torch.Tensor  # [B] long: last step that committed a non-EOS token, + 1
+    config: SamplingConfig
+    mask_id: int
+    eos_id: int | None
+
+    @property
+    def completion(self) -> torch.Tensor:  # [B, C]
+        return self.tokens[:, self.prompt_len :]
+
+    def record_bytes(self) -> int:
+        tensors = [self.tokens, self.attention_mask, self.step, self.logp, self.entropy, self.sampled, self.t_eff]
+        if self.filter_ids is not None:
+            tensors.append(self.filter_ids)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device) -> "Rollout":
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
+        return Rollout(**moved)
+
+
+# ---------------------------------------------------------------------------
+# The filter: temperature, top-k, top-p. Shared by the sampler and the objectives
+# so that the distribution recomputed at training time is built the same way.
+# ---------------------------------------------------------------------------
+
+
+def ban_token(logits: torch.Tensor, token_id: int | None) -> torch.Tensor:
+    """Never sample [MASK]: a committed position must hold a real token."""
+    if token_id is not None and 0 <= token_id < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., token_id] = float("-inf")
+    return logits
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float):
+    """Kept tokens of each row of `scaled` ([N, V], logits already divided by the temperature).
+
+    Top-k keeps every token whose logit is >= the k-th largest (ties at the boundary kept);
+    top-p then keeps, over the top-k-renormalised distribution, the shortest prefix (in
+    descending probability) whose mass reaches top_p, plus every token tied with its last
+    member. Returns (ids [N, W] long, logits [N, W], keep [N, W] bool), sorted descending,
+    the kept tokens forming a prefix of each row; or None when nothing is filtered.
+    """
+    vocab = scaled.shape[-1]
+    use_k = 0 < top_k < vocab
+    use_p = top_p < 1.0
+    if not use_k and not use_p:
+        return None
+    if use_k:
+        vals, ids = scaled.topk(top_k, dim=-1)
+        thr = vals[:, -1:]
+        widest = int((scaled >= thr).sum(-1).max())
+        if widest > top_k:  # a tie straddles the k-th place: widen so every tied token is in
+            vals, ids = scaled.topk(widest, dim=-1)
+        keep = vals >= thr
+        probs = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    else:
+        # top-p alone: grow a sorted window until it holds the nucleus, its ties, and one
+        # token past them, so the vocabulary is never sorted in full
+        log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        width = min(vocab, 256)
+        while True:
+            vals, ids = scaled.topk(width, dim=-1)
+            probs = (vals - log_z).exp()
+            need = ((probs.cumsum(-1) < top_p).sum(-1, keepdim=True) + 1).clamp(max=width)
+            if width == vocab or bool((probs[:, -1:] < probs.gather(1, need - 1)).all()):
+                break
+            width = min(vocab, width * 4)
+        keep = torch.ones_like(vals, dtype=torch.bool)
+    if use_p:
+        need = ((probs.cumsum(-1) < top_p) & keep).sum(-1, keepdim=True) + 1
+        need = torch.minimum(need, keep.sum(-1, keepdim=True))
+        keep = keep & (probs >= probs.gather(1, need - 1))
+    width = int(keep.sum(-1).max())
+    return ids[:, :width], vals[:, :width], keep[:, :width]
+
+
+def filtered_log_probs(scaled: torch.Tensor, filter_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs over the kept set [N, W], kept mask [N, W]) given recorded ids (-1 = unused).
+
+    With filter_ids None the set is the whole vocabulary (minus a banned token already at -inf).
+    """
+    if filter_ids is None:
+        return torch.log_softmax(scaled, dim=-1), torch.isfinite(scaled)
+    keep = filter_ids >= 0
+    vals = scaled.gather(-1, filter_ids.clamp(min=0).long()).masked_fill(~keep, float("-inf"))
+    return torch.log_softmax(vals, dim=-1), keep
+
+
+def token_log_prob(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    filter_ids: torch.Tensor | None,
+    mask_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) and entropy under the filtered, tempered distribution of the sampler.
+
+    logits [..., V], tokens [...], filter_ids [..., W] or None. A token outside the
+    recorded filter gets -inf (it could not have been sampled).
+    """
+    shape = tokens.shape
+    scaled = ban_token(logits.reshape(-1, logits.shape[-1]), mask_id) / temperature
+    flat_filter = None if filter_ids is None else filter_ids.reshape(-1, filter_ids.shape[-1])
+    logp_all, keep = filtered_log_probs(scaled, flat_filter)
+    flat_tokens = tokens.reshape(-1, 1)
+    if flat_filter is None:
+        logp = logp_all.gather(1, flat_tokens).squeeze(1)
+    else:
+        hit = flat_filter.long() == flat_tokens
+        logp = logp_all.masked_fill(~hit, float("-inf")).logsumexp(-1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all.masked_fill(~keep, 0.0)).sum(-1)
+    return logp.reshape(shape), entropy.reshape(shape)
+
+
+def _sample_rows(logits: torch.Tensor, cfg: SamplingConfig, mask_id: int, generator):
+    """Draw one token per row of logits [N, V]; return what the record and remasking need."""
+    logits = ban_token(logits, mask_id)
+    if cfg.temperature == 0:
+        # greedy: the token is the argmax; confidence/entropy/margin read the untempered softmax
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp, tok = logp_all.max(-1)
+        p = logp_all.exp()
+        entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
+        top2 = p.topk(2, dim=-1).values
+        return tok, logp, entropy, top2[:, 0] - top2[:, 1], None
+    scaled = logits / cfg.temperature
+    filt = filter_logits(scaled, cfg.top_k, cfg.top_p)
+    if filt is None:
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        keep = torch.isfinite(scaled)
+        ids = None
+    else:
+        ids, vals, keep = filt
+        logp_all = torch.log_softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+    # Gumbel-max over the kept set in float32: an exact draw from softmax(logp_all)
+    u = torch.rand(logp_all.shape, generator=generator, device=logp_all.device).clamp_(min=1e-20)
+    choice = (logp_all - (-u.log()).log()).argmax(-1, keepdim=True)
+    logp = logp_all.gather(1, choice).squeeze(1)
+    tok = choice.squeeze(1) if ids is None else ids.gather(1, choice).squeeze(1)
+    p = logp_all.exp()
+    entropy = -(p * logp_all.masked_fill(~keep, 0.0)).sum(-1)
+    if ids is None:
+        top2 = p.topk(2, dim=-1).values
+    else:  # the kept set is sorted descending already
+        top2 = torch.cat([p, p.new_zeros(p.shape[0], 1)], dim=1)[:, :2]
+    filter_record = None
+    if ids is not None:
+        filter_record = ids.masked_fill(~keep, -1).to(torch.int32)
+    return tok, logp, entropy, top2[:, 0] - top2[:, 1], filter_record
+
+
+@torch.no_grad()
+def generate(
+    policy: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample completions for a batch of left-padded prompts ([B, P]) -> Rollout."""
+    cfg.validate()
+    core = unwrap(policy)
+    mask_id, eos_id = core.mask_id, core.eos_id
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise AgrpoError(f"prompt_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(prompt_ids.shape)}")
+    device = prompt_ids.device
+    bsz, plen = prompt_ids.shape
+    gen, blen = cfg.gen_length, cfg.block_length
+    spb, kps = cfg.steps_per_block, cfg.tokens_per_step
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    x = torch.cat([prompt_ids, prompt_ids.new_full((bsz, gen), mask_id)], dim=1)
+    attn = torch.cat([prompt_mask.long(), prompt_mask.new_ones((bsz, gen)).long()], dim=1)
+
+    step = torch.full((bsz, gen), -1, dtype=torch.long, device=device)
+    logp = torch.zeros(bsz, gen, device=device)
+    entropy = torch.zeros(bsz, gen, device=device)
+    sampled = torch.zeros(bsz, gen, dtype=torch.bool, device=device)
+    filt = None  # [B, C, W] int32, widened on demand
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    stop = cfg.stop_at_eos and eos_id is not None
+
+    for block in range(gen // blen):
+        start = plen + block * blen
+        if stop and block > 0:
+            ended = ~done & (x[:, start - blen : start] == eos_id).all(1)
+            if bool(ended.any()):
+                x[ended, start:] = eos_id
+                step[ended, block * blen :] = block * spb
+                done |= ended
+        rows = (~done).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        for s in range(spb):
+            t = block * spb + s
+            xa, aa = x[rows], attn[rows]
+            masked = xa[:, start : start + blen] == mask_id  # [A, BL], BL - s*kps per row
+            n_rows = rows.numel()
+            if cfg.remasking == "random":
+                # positions chosen without the model: only they need logits
+                noise = torch.rand(masked.shape, generator=generator, device=device)
+                pick = noise.masked_fill(~masked, -1.0).topk(kps, dim=-1).indices.sort(-1).values
+                cand = pick
+            else:
+                cand = masked.nonzero()[:, 1].view(n_rows, -1)
+            logits = core(xa, start + cand, aa) if policy is core else policy(xa, start + cand, aa)
+            n_cand = cand.shape[1]
+            tok, lp, ent, margin, frec = _sample_rows(logits.reshape(n_rows * n_cand, -1), cfg, mask_id, generator)
+            tok, lp, ent, margin = (v.view(n_rows, n_cand) for v in (tok, lp, ent, margin))
+            if cfg.remasking == "random":
+                chosen = torch.arange(n_cand, device=device).expand(n_rows, n_cand)
+            else:
+                score = {"low_confidence": lp, "entropy": -ent, "margin": margin}[cfg.remasking]
+                chosen = score.topk(kps, dim=-1).indices
+            pos = cand.gather(1, chosen)  # [A, kps] block-relative
+            col = block * blen + pos
+            r = rows[:, None].expand_as(col)
+            x[r, plen + col] = tok.gather(1, chosen)
+            step[r, col] = t
+            logp[r, col] = lp.gather(1, chosen)
+            entropy[r, col] = ent.gather(1, chosen)
+            sampled[r, col] = True
+            if frec is not None:
+                frec = frec.view(n_rows, n_cand, -1)
+                frec = frec.gather(1, chosen[:, :, None].expand(-1, -1, frec.shape[-1]))
+                if filt is None:
+                    filt = torch.full((bsz, gen, frec.shape[-1]), -1, dtype=torch.int32, device=device)
+                elif frec.shape[-1] > filt.shape[-1]:
+                    pad = filt.new_full((bsz, gen, frec.shape[-1] - filt.shape[-1]), -1)
+                    filt = torch.cat([filt, pad], dim=-1)
+                filt[r, col, : frec.shape[-1]] = frec
+
+    real = sampled & ((x[:, plen:] != eos_id) if eos_id is not None else torch.ones_like(sampled))
+    t_eff = torch.where(real, step + 1, torch.zeros_like(step)).max(1).values
+    if cfg.temperature > 0 and filt is not None:
+        # a slot past the last kept id of every position is dead weight in the record
+        width = int((filt >= 0).sum(-1).max())
+        filt = filt[..., :width].contiguous()
+    return Rollout(
+        tokens=x,
+        attention_mask=attn,
+        prompt_len=plen,
+        step=step,
+        logp=logp,
+        entropy=entropy,
+        sampled=sampled,
+        filter_ids=filt,
+        t_eff=t_eff,
+        config=cfg,
+        mask_id=mask_id,
+        eos_id=eos_id,
+    )
