@@ -1,0 +1,239 @@
+"""What every run writes to `<output_dir>/<name>/`.
+
+    config.yaml      the resolved configuration (written atomically)
+    metrics.jsonl    one JSON object per logged line, each with a `step`
+    summary.json     final numbers (written atomically)
+    curves.png       training reward and held-out accuracy against step
+    checkpoints/     see agrpo.checkpoint
+
+Each metrics line is flushed and fsync'ed as it is written, so a crash loses at most the
+line being written; a torn last line is dropped when the file is read or resumed.
+Non-finite floats (a NaN reward mean when every reward was None) are written as null so
+that the file stays strict JSON for other tools.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+from agrpo.errors import AgrpoError
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # tensor / numpy scalar
+        return _json_safe(value.item())
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers see either the old file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _parse_lines(path: Path, text: str) -> list[dict]:
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # `tail` is non-empty only if the last write was torn
+    out = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise AgrpoError(f"{path} line {number} is not JSON ({e}): fix or delete that line") from e
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise AgrpoError(f"{path} line {number} has no integer 'step': fix or delete that line")
+        out.append(record)
+    if tail.strip():
+        try:  # a final line without newline is kept only if it is whole
+            record = json.loads(tail)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
+        except ValueError:
+            pass
+    return out
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All lines of a metrics.jsonl file, in order (a torn final line is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AgrpoError(f"no metrics file at {path}: pass runs/<name>/{METRICS}")
+    return _parse_lines(path, path.read_text(encoding="utf-8"))
+
+
+class RunLog:
+    """Appends metrics lines to `run_dir/metrics.jsonl`.
+
+    `resume=False` starts the file afresh; `resume=True` keeps the lines already there
+    (minus a torn last line) and the caller drops those after the resumed step with
+    `truncate_after(step)`, so that a resumed run never logs a step twice.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, resume: bool):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS
+        if not resume or not self.path.exists():
+            _write_atomic(self.path, b"")
+        else:
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                # a torn last line: appending to it would glue two records together
+                self._rewrite(read_metrics(self.path))
+
+    def _rewrite(self, records: list[dict]) -> None:
+        data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        _write_atomic(self.path, data.encode("utf-8"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Append `{"step": step, **metrics}` as one line, durably."""
+        if "step" in metrics and metrics["step"] != step:
+            raise AgrpoError(f"RunLog.log(step={step}) got metrics with step={metrics['step']}: they must agree")
+        record = {"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}}
+        try:
+            line = json.dumps(_json_safe(record), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise AgrpoError(f"metrics for step {step} are not JSON-serialisable: {e}") from e
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop every line with a step above `step`; returns how many were dropped."""
+        records = read_metrics(self.path)
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) != len(records):
+            self._rewrite(kept)
+        return len(records) - len(kept)
+
+
+def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
+    """`run_dir/summary.json`, replaced atomically (non-finite floats become null)."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise AgrpoError(f"run summary is not JSON-serialisable: {e}") from e
+    _write_atomic(path, (text + "\n").encode("utf-8"))
+    return path
+
+
+def save_resolved_config(run_dir: str | os.PathLike, cfg_dict: dict) -> Path:
+    """`run_dir/config.yaml`, replaced atomically, keys in the order given."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG
+    try:
+        text = yaml.safe_dump(_json_safe(cfg_dict), sort_keys=False, default_flow_style=False)
+    except yaml.YAMLError as e:
+        raise AgrpoError(f"the resolved config cannot be written as YAML: {e}") from e
+    _write_atomic(path, text.encode("utf-8"))
+    return path
+
+
+def _has_lines(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def make_run_dir(output_dir: str | os.PathLike, name: str, resume: bool) -> Path:
+    """Create `output_dir/name`, refusing to overwrite a run that already logged metrics."""
+    if not name or not str(name).strip():
+        raise AgrpoError("the run name is empty: pass name=<something>")
+    run_dir = Path(output_dir) / name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AgrpoError(f"{run_dir} is a file, not a run directory: pass another name=... or output_dir=...")
+    started = _has_lines(run_dir / METRICS) or any((run_dir / "checkpoints").glob("step_*"))
+    if started and not resume:
+        raise AgrpoError(f"{run_dir} exists: pass resume=true to continue it or name=... for a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _series(records: list[dict], key: str) -> list[tuple[int, dict]]:
+    out = []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((r["step"], r))
+    return out
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Training reward (mean ± std band) and held-out accuracy against step, as a PNG.
+
+    A missing metrics file raises `AgrpoError`. A panel without data (an empty file, a
+    run with no evaluation yet) shows a "no ... logged yet" placeholder instead of
+    failing, so that plotting at the end of a run never costs its results.
+    """
+    records = read_metrics(metrics_path)
+    # Figure + the Agg canvas directly: no pyplot, so no display backend and no global state
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_r, ax_a = fig.subplots(1, 2)
+
+    reward = _series(records, "reward_mean")
+    if reward:
+        steps = [s for s, _ in reward]
+        mean = [r["reward_mean"] for _, r in reward]
+        ax_r.plot(steps, mean, marker="o" if len(steps) < 20 else None, label="mean")
+        std = [r.get("reward_std") for _, r in reward]
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in std):
+            lo = [m - s for m, s in zip(mean, std)]
+            hi = [m + s for m, s in zip(mean, std)]
+            ax_r.fill_between(steps, lo, hi, alpha=0.25, label="± std")
+        ax_r.legend(loc="best")
+    else:
+        ax_r.text(0.5, 0.5, "no training reward logged yet", ha="center", va="center", transform=ax_r.transAxes)
+    ax_r.set_title("training reward")
+    ax_r.set_xlabel("step")
+    ax_r.set_ylabel("reward")
+
+    acc = _series(records, "eval_accuracy")
+    if acc:
+        ax_a.plot([s for s, _ in acc], [r["eval_accuracy"] for _, r in acc], marker="o")
+        ax_a.set_ylim(-0.02, 1.02)
+    else:
+        ax_a.text(0.5, 0.5, "no held-out evaluation logged yet", ha="center", va="center", transform=ax_a.transAxes)
+    ax_a.set_title("held-out accuracy")
+    ax_a.set_xlabel("step")
+    ax_a.set_ylabel("accuracy")
+    fig.suptitle(Path(metrics_path).resolve().parent.name)
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
