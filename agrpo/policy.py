@@ -22,6 +22,9 @@ from torch import nn
 from agrpo.errors import AgrpoError
 
 
+_CHECK_LEN = 32  # positions compared once between the gathered head and the model's own logits
+
+
 def _config_id(model: nn.Module, *names: str) -> int | None:
     config = getattr(model, "config", None)
     for name in names:
@@ -129,7 +132,12 @@ class Policy(nn.Module):
         if self.shift_logits and bool((positions < 1).any()):
             raise AgrpoError("shift_logits models cannot score position 0: keep at least one prompt token")
         if not self._checked:
-            self._check_fast_path(input_ids[:1], attention_mask[:1] if attention_mask is not None else None)
+            # the last few positions suffice to compare the two paths; the whole sequence would
+            # hold three [L, V] float32 copies at once (~200 MB at L = 96, V = 126k)
+            tail = slice(-_CHECK_LEN, None)
+            self._check_fast_path(
+                input_ids[:1, tail], attention_mask[:1, tail] if attention_mask is not None else None
+            )
         if self._backbone is None:
             return self._gather_rows(self._full_logits(input_ids, attention_mask), positions).float()
         out = self._backbone(input_ids=input_ids, **self._model_kwargs(attention_mask))

@@ -1,0 +1,66 @@
+"""Text <-> token batches for the samplers and the recipes."""
+
+from __future__ import annotations
+
+import torch
+
+from agrpo.errors import AgrpoError
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False, device=None):
+    """Left-padded prompt ids and attention mask ([B, P] each).
+
+    Left padding keeps every completion starting at the same column, which the block
+    sampler needs; the attention mask hides the padding and the policy derives position
+    ids from it. `chat_template` wraps each prompt as one user turn (instruct models).
+    """
+    if not prompts:
+        raise AgrpoError("no prompts to encode")
+    rows = []
+    for text in prompts:
+        if chat_template:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) == 0:
+            raise AgrpoError(f"prompt {text!r} encodes to no tokens")
+        rows.append(list(ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise AgrpoError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, eos_id: int | None) -> list[str]:
+    """Completion texts, cut at the first EOS."""
+    out = []
+    for row in completion_ids.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def encode_targets(tokenizer, targets: list[str], gen_length: int, eos_id: int) -> torch.Tensor:
+    """[B, gen_length] reference completions padded with EOS (what the sampler would emit)."""
+    out = torch.full((len(targets), gen_length), eos_id, dtype=torch.long)
+    for i, text in enumerate(targets):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > gen_length:
+            raise AgrpoError(
+                f"target {text!r} needs {len(ids)} tokens but gen_length={gen_length}: raise gen_length"
+            )
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
