@@ -52,9 +52,10 @@ class SFTConfig:
     hidden_size: int = field(default=128, metadata={"help": "scratch model: hidden size"})
     num_layers: int = field(default=4, metadata={"help": "scratch model: transformer layers"})
     num_heads: int = field(default=4, metadata={"help": "scratch model: attention heads"})
+    intermediate_size: int = field(default=256, metadata={"help": "scratch model: MLP width"})
     gen_length: int = field(default=16, metadata={"help": "completion length in tokens (EOS-padded targets)"})
     train_pool: int = field(default=20000, metadata={"help": "training problems generated once at start"})
-    steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     lr_schedule: Literal["constant", "cosine"] = field(default="cosine", metadata={"help": "after warmup"})
@@ -73,7 +74,7 @@ class SFTConfig:
             raise AgrpoError(
                 f"eval_sampling.gen_length={self.eval_sampling.gen_length} differs from gen_length={self.gen_length}"
             )
-        for name in ("steps", "batch_size", "train_pool", "eval_size", "hidden_size", "num_layers", "num_heads"):
+        for name in ("steps", "batch_size", "train_pool", "eval_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1:
                 raise AgrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
@@ -114,7 +115,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         tokenizer = build_tokenizer()
         model = build_tiny_model(
             tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-            max_position_embeddings=64,
+            intermediate_size=cfg.intermediate_size, max_position_embeddings=64,
         )
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -1,0 +1,120 @@
+"""The RL recipe end to end on a tiny model: exact resume, skipped non-finite steps, CLI errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agrpo.cli import main
+from agrpo.config import check_documented, load_config
+from agrpo.recipes import rl
+from agrpo.recipes.rl import RLConfig
+from agrpo.tiny.model import build_tiny_model
+from agrpo.tiny.tokenizer import build_tokenizer
+
+TIMING = {"step_s", "tokens_per_s", "wall_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2)
+    out = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def small(tiny_dir, tmp_path, **kw):
+    over = [
+        f"model={tiny_dir}", f"output_dir={tmp_path}", "prompts_per_step=2", "group_size=2",
+        "sampling.steps=4", "eval_sampling.steps=4", "eval_size=4", "eval_every=3", "save_every=3",
+        "time_budget_s=0", "train_pool=32", "progress=false", "keep_checkpoints=3", "num_samples=2", "lr=1e-3",
+    ] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(RLConfig, None, over)
+
+
+def read(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip(lines):
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+def test_resume_is_exact(tiny_dir, tmp_path):
+    rl.train(small(tiny_dir, tmp_path, name="straight", max_steps=6))
+    rl.train(small(tiny_dir, tmp_path, name="split", max_steps=3))
+    rl.train(small(tiny_dir, tmp_path, name="split", max_steps=6, resume=True))
+    a, b = tmp_path / "straight", tmp_path / "split"
+    wa = load_file(a / "checkpoints/step_000006/model.safetensors")
+    wb = load_file(b / "checkpoints/step_000006/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = load_file(f"{tiny_dir}/model.safetensors")
+    assert any(not torch.equal(base[k], wa[k]) for k in base)  # training did move the weights
+    oa = torch.load(a / "checkpoints/step_000006/optimizer.pt")
+    ob = torch.load(b / "checkpoints/step_000006/optimizer.pt")
+    assert oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        for name, value in oa["state"][k].items():
+            assert torch.equal(value, ob["state"][k][name])
+    assert strip(read(a)) == strip(read(b))
+    assert [line["step"] for line in read(b)] == [0, 1, 2, 3, 4, 5, 6]
+    summary = json.loads((b / "summary.json").read_text())
+    assert 0 <= summary["base_accuracy"] <= 1 and 0 <= summary["final_accuracy"] <= 1
+    assert summary["steps"] == 6 and (b / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
+    real = rl.agrpo_loss
+    calls = {"n": 0}
+
+    def poisoned(policy, rollout, advantages, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second step's loss is NaN
+            backward = kw.pop("backward")
+            loss, metrics = real(policy, rollout, advantages, **kw)
+            backward(loss * float("nan"))
+            return loss.detach() * float("nan"), {**metrics, "loss": float("nan")}
+        return real(policy, rollout, advantages, **kw)
+
+    monkeypatch.setattr(rl, "agrpo_loss", poisoned)
+    rl.train(small(tiny_dir, tmp_path, name="nan", max_steps=3, save_every=1))
+    run = tmp_path / "nan"
+    w1 = load_file(run / "checkpoints/step_000001/model.safetensors")
+    w2 = load_file(run / "checkpoints/step_000002/model.safetensors")
+    w3 = load_file(run / "checkpoints/step_000003/model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.isfinite(v).all() for v in w2.values())
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)  # the next step trains again
+    lines = read(run)
+    assert [line.get("skipped_steps") for line in lines[1:]] == [0, 1, 1]
+
+
+def test_diffu_grpo_objective_trains_without_skips(tiny_dir, tmp_path):
+    summary = rl.train(small(tiny_dir, tmp_path, name="d", max_steps=2, objective="diffu_grpo", inner_steps=2))
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+
+
+def test_config_is_documented_and_checked():
+    check_documented(RLConfig)
+    with pytest.raises(Exception, match="block_length=5 must divide"):
+        load_config(RLConfig, None, ["sampling.block_length=5"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "sampling.block_length=5"], "must divide"),
+        (["train", "lr=abc"], "expected a number"),
+        (["train", "no_such_key=1"], "unknown key"),
+        (["train", "--objective", "ppo"], "choose one of"),
+        (["eval", "model=./does/not/exist"], "exist"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
