@@ -73,7 +73,7 @@ class RLConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (r=0: off)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 4 bits (needs bitsandbytes + GPU)"})
     task: str = field(default="sudoku", metadata={"help": "task name (sudoku, countdown)"})
-    train_pool: int = field(default=20000, metadata={"help": "training problems generated once at start"})
+    train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems for evaluation"})
     # rollouts
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per optimizer step (all processes together)"})
@@ -98,7 +98,7 @@ class RLConfig:
     prompt_mask_p: float = field(default=0.15, metadata={"help": "diffu-GRPO: prompt-token mask probability"})
     max_rows_per_forward: int = field(default=512, metadata={"help": "sequences per forward in the loss (memory budget)"})
     # optimizer
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW)"})
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "after warmup"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})

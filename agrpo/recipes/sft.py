@@ -54,7 +54,7 @@ class SFTConfig:
     num_heads: int = field(default=4, metadata={"help": "scratch model: attention heads"})
     intermediate_size: int = field(default=256, metadata={"help": "scratch model: MLP width"})
     gen_length: int = field(default=16, metadata={"help": "completion length in tokens (EOS-padded targets)"})
-    train_pool: int = field(default=20000, metadata={"help": "training problems generated once at start"})
+    train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
