@@ -20,6 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
+from agrpo.checkpoint import _json_safe
 from agrpo.errors import AgrpoError
 
 METRICS = "metrics.jsonl"
@@ -27,16 +28,6 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # tensor / numpy scalar
-        return _json_safe(value.item())
-    return value
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

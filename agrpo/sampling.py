@@ -77,6 +77,13 @@ class SamplingConfig:
         return self.steps // (self.gen_length // self.block_length)
 
 
+def paper_eval_sampling(gen_length: int = 16) -> SamplingConfig:
+    """The paper's evaluation decoding: greedy, low-confidence remasking, one token a step."""
+    return SamplingConfig(
+        gen_length=gen_length, block_length=gen_length, steps=gen_length, temperature=0.0, remasking="low_confidence"
+    )
+
+
 @dataclass
 class Rollout:
     """What a batch of generations leaves behind for the objectives (AGRPO.md §1)."""

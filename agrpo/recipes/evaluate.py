@@ -19,12 +19,9 @@ from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
 from agrpo.models import load_model_and_tokenizer
 from agrpo.policy import Policy
-from agrpo.sampling import SamplingConfig
+from agrpo.sampling import SamplingConfig, paper_eval_sampling
 from agrpo.tasks import get_task, load_examples
 
-
-def _eval_sampling() -> SamplingConfig:
-    return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=0.0, remasking="low_confidence")
 
 
 @dataclass
@@ -34,7 +31,7 @@ class EvalConfig:
     data: str = field(default="", metadata={"help": "a test file (sudoku CSV or countdown JSONL); empty: the generated held-out set"})
     eval_size: int = field(default=256, metadata={"help": "problems evaluated (the first N of the set)"})
     batch_size: int = field(default=128, metadata={"help": "problems per sampler call"})
-    sampling: SamplingConfig = field(default_factory=_eval_sampling, metadata={"help": "evaluation sampler"})
+    sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     seed: int = field(default=0, metadata={"help": "seed for non-greedy sampling"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "parameter dtype"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (LLaDA, Dream)"})

@@ -34,16 +34,13 @@ from agrpo.models import frozen_copy, load_model_and_tokenizer
 from agrpo.objectives import agrpo_loss, diffu_grpo_loss, group_advantages, mean_field_logp, random_prompt_mask
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import RunLog, make_run_dir, plot_curves, save_resolved_config, write_summary
-from agrpo.sampling import SamplingConfig, generate
+from agrpo.sampling import SamplingConfig, generate, paper_eval_sampling
 from agrpo.tasks import get_task
 
 
 def _train_sampling() -> SamplingConfig:
     return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=1.0, remasking="random")
 
-
-def _eval_sampling() -> SamplingConfig:
-    return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=0.0, remasking="low_confidence")
 
 
 @dataclass
@@ -79,7 +76,7 @@ class RLConfig:
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per optimizer step (all processes together)"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     sampling: SamplingConfig = field(default_factory=_train_sampling, metadata={"help": "training sampler"})
-    eval_sampling: SamplingConfig = field(default_factory=_eval_sampling, metadata={"help": "evaluation sampler"})
+    eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     # objective
     objective: Literal["agrpo", "diffu_grpo"] = field(default="agrpo", metadata={"help": "policy-gradient objective"})
     num_samples: int = field(default=4, metadata={"help": "AGRPO: denoising steps sampled per completion (K)"})

@@ -32,14 +32,11 @@ from agrpo.evaluation import evaluate
 from agrpo.models import load_model_and_tokenizer
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import RunLog, make_run_dir, save_resolved_config, write_summary
-from agrpo.sampling import SamplingConfig
+from agrpo.sampling import SamplingConfig, paper_eval_sampling
 from agrpo.tasks import get_task
 from agrpo.tiny.model import build_tiny_model
 from agrpo.tiny.tokenizer import build_tokenizer
 
-
-def _eval_sampling() -> SamplingConfig:
-    return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=0.0, remasking="low_confidence")
 
 
 @dataclass
@@ -64,7 +61,7 @@ class SFTConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     min_mask_rate: float = field(default=1e-3, metadata={"help": "eps: the noise level t is drawn from U(eps, 1]"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems for the final evaluation"})
-    eval_sampling: SamplingConfig = field(default_factory=_eval_sampling, metadata={"help": "evaluation sampler"})
+    eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     export_to: str = field(default="", metadata={"help": "also copy the final model to this directory"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
