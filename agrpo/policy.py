@@ -128,7 +128,7 @@ class Policy(nn.Module):
         positions: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits at `positions` ([B, P] absolute indices into the sequence) -> [B, P, V] float32."""
+        """Logits at `positions` ([B, P] absolute indices into the sequence) -> [B, P, V], at least float32."""
         if self.shift_logits and bool((positions < 1).any()):
             raise AgrpoError("shift_logits models cannot score position 0: keep at least one prompt token")
         if not self._checked:
@@ -139,10 +139,10 @@ class Policy(nn.Module):
                 input_ids[:1, tail], attention_mask[:1, tail] if attention_mask is not None else None
             )
         if self._backbone is None:
-            return self._gather_rows(self._full_logits(input_ids, attention_mask), positions).float()
+            return _upcast(self._gather_rows(self._full_logits(input_ids, attention_mask), positions))
         out = self._backbone(input_ids=input_ids, **self._model_kwargs(attention_mask))
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return self._head(self._gather_rows(hidden, positions)).float()
+        return _upcast(self._head(self._gather_rows(hidden, positions)))
 
     @torch.no_grad()
     def _check_fast_path(self, input_ids, attention_mask):
@@ -170,6 +170,11 @@ class Policy(nn.Module):
         if not hasattr(self.model, "disable_adapter"):
             raise AgrpoError("the model has no adapter to disable: use a frozen reference copy instead")
         return self.model.disable_adapter()
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits -> float32 for the softmax; float64 stays float64 (exact references)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def unwrap(policy: nn.Module) -> Policy:

@@ -363,8 +363,8 @@ def generate(
             r = rows[:, None].expand_as(col)
             x[r, plen + col] = tok.gather(1, chosen)
             step[r, col] = t
-            logp[r, col] = lp.gather(1, chosen)
-            entropy[r, col] = ent.gather(1, chosen)
+            logp[r, col] = lp.gather(1, chosen).to(logp.dtype)
+            entropy[r, col] = ent.gather(1, chosen).to(entropy.dtype)
             sampled[r, col] = True
             if frec is not None:
                 frec = frec.view(n_rows, n_cand, -1)
