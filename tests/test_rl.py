@@ -118,3 +118,20 @@ def test_cli_user_errors_exit_2_with_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_lora_with_kl_to_the_disabled_adapter(tiny_dir, tmp_path):
+    # LoRA: only adapter weights train; the KL reference is the same model with the adapter off
+    summary = rl.train(small(tiny_dir, tmp_path, name="lora", max_steps=2, beta=0.1, **{"lora.r": 4, "lora.target_modules": "[q_proj,v_proj]"}))
+    assert summary["skipped_steps"] == 0
+    lines = read(tmp_path / "lora")
+    assert all(line["kl"] >= 0 for line in lines[1:])
+    saved = load_file(tmp_path / "lora/checkpoints/step_000002/adapter_model.safetensors")
+    assert saved and all("lora" in k for k in saved)
+
+
+def test_frozen_reference_kl_is_zero_on_policy_then_positive(tiny_dir, tmp_path):
+    rl.train(small(tiny_dir, tmp_path, name="kl", max_steps=3, beta=0.5, lr=1e-2))
+    kls = [line["kl"] for line in read(tmp_path / "kl")[1:]]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # before any update the policy is the reference
+    assert kls[-1] > 0
