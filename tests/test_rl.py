@@ -135,3 +135,12 @@ def test_frozen_reference_kl_is_zero_on_policy_then_positive(tiny_dir, tmp_path)
     kls = [line["kl"] for line in read(tmp_path / "kl")[1:]]
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # before any update the policy is the reference
     assert kls[-1] > 0
+
+
+def test_reward_of_the_wrong_length_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
+    from agrpo.errors import AgrpoError
+    from agrpo.tasks.sudoku import SudokuTask
+
+    monkeypatch.setattr(SudokuTask, "reward", lambda self, prompts, completions, **cols: [0.0] * (len(prompts) // 2))
+    with pytest.raises(AgrpoError, match="returned 2 values for 4 completions"):
+        rl.train(small(tiny_dir, tmp_path, name="bad", max_steps=1))

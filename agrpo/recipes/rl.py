@@ -256,7 +256,12 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
         completions = decode_completions(tokenizer, rollout.completion, core.eos_id)
         columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
-        rewards = task.reward([ex["prompt"] for ex in batch], completions, **columns)
+        rewards = list(task.reward([ex["prompt"] for ex in batch], completions, **columns))
+        if len(rewards) != len(completions):
+            raise AgrpoError(
+                f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
+                f"return one float (or None) per completion"
+            )
         advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
         advantages, valid = advantages.to(device), valid.to(device)
 
