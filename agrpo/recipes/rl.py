@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -171,9 +172,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
 
     run_dir = make_run_dir(cfg.output_dir, cfg.name, cfg.resume) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
-    if run_dir is None:
-        from pathlib import Path
-
+    if run_dir is None:  # other processes: the main one created it
         run_dir = Path(cfg.output_dir) / cfg.name
     task = get_task(cfg.task)
     lora = asdict(cfg.lora) if cfg.lora.r > 0 else None
