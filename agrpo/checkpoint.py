@@ -25,7 +25,6 @@ be accelerate's wrapper: only its `state_dict` / `load_state_dict` are used.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -36,13 +35,14 @@ import torch
 from torch import nn
 
 from agrpo.errors import AgrpoError
+from agrpo.fileio import TMP_PREFIX, fsync_dir, json_safe, write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
-_TMP, _TRASH = ".tmp-", ".trash-"
+_TMP, _TRASH = TMP_PREFIX, ".trash-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # keys of state.json written by this module; `extra` may not reuse them
 _RESERVED = ("step", "model_source", "format")
@@ -54,46 +54,18 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (POSIX); some platforms cannot open directories."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f"{_TMP}{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+        fsync_dir(Path(dirpath))
 
 
 def _remove_dir(path: Path) -> None:
     """Delete a checkpoint so that no partial `step_*` directory can survive a crash."""
     trash = path.parent / f"{_TRASH}{path.name}-{uuid.uuid4().hex[:8]}"
     os.replace(path, trash)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -132,19 +104,6 @@ def _model_source(model: nn.Module) -> str | None:
     return str(source) if source else None
 
 
-def _json_safe(value):
-    """state.json must stay strict JSON: non-finite floats become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # tensor / numpy scalar
-        return _json_safe(value.item())
-    return value
-
-
 # -- public API ----------------------------------------------------------------------------
 def save_checkpoint(
     run_dir: str | os.PathLike,
@@ -180,7 +139,7 @@ def save_checkpoint(
         raise AgrpoError(f"save_checkpoint extra= may not contain {clash}: these keys are written by agrpo")
     state = {"format": 1, "step": step, "model_source": _model_source(model), **extra}
     try:  # serialise before touching the disk: a bad value must not cost a half-written save
-        state_text = json.dumps(_json_safe(state), indent=2, allow_nan=False)
+        state_text = json.dumps(json_safe(state), indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise AgrpoError(f"save_checkpoint extra= is not JSON-serialisable: {e}") from e
 
@@ -207,11 +166,11 @@ def save_checkpoint(
             # between, `latest_checkpoint` falls back to the newest complete directory.
             _remove_dir(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, name + "\n")
+    write_atomic(root / LATEST, name + "\n")
 
     if keep_last is not None:
         keep = max(int(keep_last), 1)

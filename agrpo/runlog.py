@@ -14,34 +14,20 @@ that the file stays strict JSON for other tools.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
-from agrpo.checkpoint import _json_safe
 from agrpo.errors import AgrpoError
+from agrpo.fileio import json_safe, write_atomic
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 
 
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers see either the old file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _parse_lines(path: Path, text: str) -> list[dict]:
@@ -89,7 +75,7 @@ class RunLog:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS
         if not resume or not self.path.exists():
-            _write_atomic(self.path, b"")
+            write_atomic(self.path, b"")
         else:
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
@@ -98,7 +84,7 @@ class RunLog:
 
     def _rewrite(self, records: list[dict]) -> None:
         data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-        _write_atomic(self.path, data.encode("utf-8"))
+        write_atomic(self.path, data.encode("utf-8"))
 
     def log(self, step: int, metrics: dict) -> None:
         """Append `{"step": step, **metrics}` as one line, durably."""
@@ -106,7 +92,7 @@ class RunLog:
             raise AgrpoError(f"RunLog.log(step={step}) got metrics with step={metrics['step']}: they must agree")
         record = {"step": int(step), **{k: v for k, v in metrics.items() if k != "step"}}
         try:
-            line = json.dumps(_json_safe(record), allow_nan=False)
+            line = json.dumps(json_safe(record), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise AgrpoError(f"metrics for step {step} are not JSON-serialisable: {e}") from e
         with open(self.path, "a", encoding="utf-8") as f:
@@ -127,10 +113,10 @@ def write_summary(run_dir: str | os.PathLike, summary: dict) -> Path:
     """`run_dir/summary.json`, replaced atomically (non-finite floats become null)."""
     path = Path(run_dir) / SUMMARY
     try:
-        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+        text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise AgrpoError(f"run summary is not JSON-serialisable: {e}") from e
-    _write_atomic(path, (text + "\n").encode("utf-8"))
+    write_atomic(path, (text + "\n").encode("utf-8"))
     return path
 
 
@@ -140,10 +126,10 @@ def save_resolved_config(run_dir: str | os.PathLike, cfg_dict: dict) -> Path:
 
     path = Path(run_dir) / CONFIG
     try:
-        text = yaml.safe_dump(_json_safe(cfg_dict), sort_keys=False, default_flow_style=False)
+        text = yaml.safe_dump(json_safe(cfg_dict), sort_keys=False, default_flow_style=False)
     except yaml.YAMLError as e:
         raise AgrpoError(f"the resolved config cannot be written as YAML: {e}") from e
-    _write_atomic(path, text.encode("utf-8"))
+    write_atomic(path, text.encode("utf-8"))
     return path
 
 
@@ -220,11 +206,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(out, buf.getvalue())
     return out

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from agrpo.errors import AgrpoError
 from agrpo.policy import Policy, unwrap

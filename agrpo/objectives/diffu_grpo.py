@@ -9,7 +9,6 @@ of each iteration are taken with that iteration's mask before any update.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
