@@ -40,7 +40,7 @@ from agrpo.tasks import get_task
 
 
 def _train_sampling() -> SamplingConfig:
-    return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=1.0, remasking="random")
+    return SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=1.0, remasking="low_confidence")
 
 
 
@@ -80,9 +80,9 @@ class RLConfig:
     eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     # objective
     objective: Literal["agrpo", "diffu_grpo"] = field(default="agrpo", metadata={"help": "policy-gradient objective"})
-    num_samples: int = field(default=4, metadata={"help": "AGRPO: denoising steps sampled per completion (K)"})
+    num_samples: int = field(default=16, metadata={"help": "AGRPO: denoising steps sampled per completion (K)"})
     step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = field(
-        default="low_discrepancy", metadata={"help": "AGRPO: how the K steps are drawn"}
+        default="stratified", metadata={"help": "AGRPO: how the K steps are drawn"}
     )
     importance: Literal["none", "entropy"] = field(default="none", metadata={"help": "AGRPO: entropy importance sampling of steps"})
     normalization: Literal["sequence", "token"] = field(
