@@ -66,3 +66,25 @@ def test_eval_on_the_paper_split_through_the_cli(tmp_path, capsys):
     assert res["n"] == 32 and len(res["results"]) == 32
     assert res["accuracy"] == pytest.approx(sum(r["score"] for r in res["results"]) / 32)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == res["accuracy"]
+
+
+def test_exclude_file_keeps_its_problems_out_of_training(tmp_path, monkeypatch, capsys):
+    import agrpo.recipes.sft as sft
+    from agrpo.tasks import get_task
+
+    pool = get_task("sudoku").train_examples(64, seed=0)
+    csv = tmp_path / "test.csv"
+    csv.write_text("Puzzle,Solution\n" + "".join(f"{r['puzzle']},{r['solution']}\n" for r in pool[:3]))
+    made = []
+    monkeypatch.setattr(sft, "get_task", lambda *a, **k: made.append(get_task(*a, **k)) or made[-1])
+    args = ["sft", f"output_dir={tmp_path}", "steps=1", "batch_size=4", "hidden_size=32", "num_layers=1",
+            "num_heads=2", "intermediate_size=64", "eval_size=4", "train_pool=64", "progress=false"]
+    assert main(args + [f"exclude_file={csv}"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["excluded_problems"] == 3
+    kept = {r["puzzle"] for r in made[-1].train_examples(64, seed=0)}
+    assert kept.isdisjoint(r["puzzle"] for r in pool[:3]) and len(kept) == 64
+    # a missing file: one line on stderr, exit code 2
+    assert main(args + [f"exclude_file={tmp_path / 'nope.csv'}", "name=missing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.csv" in err[0]

@@ -72,6 +72,7 @@ class RLConfig:
     load_in_4bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 4 bits (needs bitsandbytes + GPU)"})
     task: str = field(default="sudoku", metadata={"help": "task name (sudoku, countdown)"})
     train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
+    exclude_file: str = field(default="", metadata={"help": "a file in the task's published format (e.g. the paper's test split) whose problems never enter the generated sets"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems for evaluation"})
     # rollouts
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per optimizer step (all processes together)"})
@@ -174,7 +175,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     accelerator.wait_for_everyone()
     if run_dir is None:  # other processes: the main one created it
         run_dir = Path(cfg.output_dir) / cfg.name
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, held_out=cfg.exclude_file or None)
     lora = asdict(cfg.lora) if cfg.lora.r > 0 else None
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit
@@ -348,6 +349,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         "objective": cfg.objective,
         "task": cfg.task,
         "seed": cfg.seed,
+        "excluded_problems": len(task.excluded),
     }
     if accelerator.is_main_process:
         write_summary(run_dir, summary)

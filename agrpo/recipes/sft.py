@@ -52,6 +52,7 @@ class SFTConfig:
     intermediate_size: int = field(default=128, metadata={"help": "scratch model: MLP width"})
     gen_length: int = field(default=16, metadata={"help": "completion length in tokens (EOS-padded targets)"})
     train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
+    exclude_file: str = field(default="", metadata={"help": "a file in the task's published format (e.g. the paper's test split) whose problems never enter the generated sets"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
@@ -107,7 +108,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     run_dir = make_run_dir(cfg.output_dir, cfg.name, resume=False)
     save_resolved_config(run_dir, config_to_dict(cfg))
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, held_out=cfg.exclude_file or None)
     if cfg.model == "scratch":
         tokenizer = build_tokenizer()
         model = build_tiny_model(
@@ -182,6 +183,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         "model_dir": str(model_dir),
         "task": cfg.task,
         "seed": cfg.seed,
+        "excluded_problems": len(task.excluded),
     }
     log.log(cfg.steps, {"step": cfg.steps, "eval_accuracy": res["accuracy"], "wall_s": summary["wall_s"]})
     write_summary(run_dir, summary)

@@ -87,6 +87,11 @@ class Task:
             held_out = self.load(held_out)
         self._held_out = frozenset(self.key(row) for row in held_out or ())
 
+    @property
+    def excluded(self) -> frozenset:
+        """Keys of the problems kept out of every generated set."""
+        return self._held_out
+
     # ---- what a subclass provides -------------------------------------------------------
 
     def key(self, row: dict) -> str:
