@@ -235,7 +235,11 @@ def load_model_and_tokenizer(
                 raise AgrpoError(f"{name} is a file: pass a model directory (written by save_pretrained) or a hub name")
             path = _resolve_run_dir(candidate)
         elif _looks_like_path(name):
-            raise AgrpoError(f"model path {name} does not exist: check the path, or pass a hub name like org/model")
+            hint = "check the path, or pass a hub name like org/model"
+            if candidate.name == "model" and candidate.parent.name:  # where `agrpo sft` saves its model
+                run = candidate.parent
+                hint = f"create it with `agrpo sft output_dir={run.parent} name={run.name}` (plus the task's settings), or {hint}"
+            raise AgrpoError(f"model path {name} does not exist: {hint}")
         else:
             path = None
 

@@ -98,6 +98,8 @@ def test_missing_paths_never_reach_the_hub(tmp_path, monkeypatch):
     for bad in ("./nope", str(tmp_path / "missing"), "runs/x/checkpoints/step_000001", "~/no/such/model"):
         with pytest.raises(AgrpoError, match="does not exist"):
             load_model_and_tokenizer(bad)
+    with pytest.raises(AgrpoError, match=r"create it with `agrpo sft output_dir=runs name=countdown-sft`"):
+        load_model_and_tokenizer("runs/countdown-sft/model")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(AgrpoError, match="is a file"):
         load_model_and_tokenizer(str(tmp_path / "file.txt"))
