@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from agrpo.evaluation import evaluate
 from agrpo.models import TINY_DIR, load_model_and_tokenizer
