@@ -259,6 +259,39 @@ def test_temperature_zero_is_deterministic_argmax():
             assert best == set(cols.tolist())
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "entropy", "margin"])
+def test_remasking_commits_the_positions_its_rule_ranks_first(remasking):
+    """Greedy rollouts: at every step, the committed positions are the masked positions of the block
+    with the highest max-probability / lowest entropy / largest top1-top2 gap, by a float64 reference."""
+    model = tiny_model(16, logit_scale=3.0)
+    pol = Policy(model)
+    cfg = SamplingConfig(gen_length=12, block_length=6, steps=4, temperature=0.0, remasking=remasking,
+                         stop_at_eos=False)
+    x0 = prompts(4, 4, seed=11)
+    ro = generate(pol, x0, None, cfg)
+    rules = {
+        "low_confidence": lambda p: p.max(-1).values,
+        "entropy": lambda p: (p * p.clamp(min=1e-300).log()).sum(-1),  # minus the entropy
+        "margin": lambda p: p.topk(2, -1).values[:, 0] - p.topk(2, -1).values[:, 1],
+    }
+    differs = 0
+    for r in range(4):
+        for t in range(4):
+            blk = t // 2
+            masked = [c for c in range(6 * blk, 6 * blk + 6) if ro.step[r, c] >= t]
+            x = rebuild_states(ro, torch.tensor([r]), torch.tensor([t]))
+            lg = full_logits(model, x)[0, ro.prompt_len + torch.tensor(masked)].double().clone()
+            lg[:, MASK] = -math.inf
+            p = lg.softmax(-1)
+            score = rules[remasking](p)
+            top = score.topk(3).indices.tolist()
+            assert set(masked[i] for i in top) == set((ro.step[r] == t).nonzero().squeeze(1).tolist())
+            assert torch.equal(ro.completion[r, [masked[i] for i in top]], p[top].argmax(-1))
+            other = rules["low_confidence" if remasking != "low_confidence" else "entropy"](p)
+            differs += set(top) != set(other.topk(3).indices.tolist())
+    assert differs > 0  # the rules disagree somewhere here, so a swapped rule cannot pass
+
+
 # -- (7) config errors ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw,field",

@@ -7,11 +7,16 @@ filter and temperature the sampler used, and
 
     L_row ~= (1 / K) * sum_k w_k * L_{t_k},     E[L_row] = (1 / T_eff) * sum_t L_t.
 
-Step sampling: `uniform` (iid), `low_discrepancy` (one stratified sweep over all B*K draws of
-the batch, as the official code) or `stratified` (a stratified sweep per row: with K = T_eff
-every step is drawn exactly once). `importance="entropy"` draws t with probability
+Step sampling: `stratified` (the default: a stratified sweep per row; with K = T_eff, or any
+multiple of it, every step is drawn equally often and the estimate is the exact average),
+`low_discrepancy` (one stratified sweep over all B*K draws of the batch, as the official code)
+or `uniform` (iid). `importance="entropy"` draws t with probability
 proportional to the entropy committed at t and weights by (1/T_eff)/q(t). All are unbiased:
 each draw is marginally uniform (or q) and the weights undo q.
+
+T_eff, the number of steps a row learns from, is `horizon(rollout, eos_steps)`: with
+`include` (the default) the EOS tokens sampled after the answer's last token are learned
+from too, so the decision to stop gets its gradient; `exclude` is the official truncation.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 
 from agrpo.errors import AgrpoError
-from agrpo.objectives.common import clipped_surrogate, k3_kl
+from agrpo.objectives.common import EOS_STEPS, clipped_surrogate, horizon, k3_kl
 from agrpo.policy import unwrap
 from agrpo.sampling import Rollout, token_log_prob
 
@@ -40,8 +45,8 @@ class StepPlan:
 
     row: torch.Tensor  # [S] long: rollout row
     t: torch.Tensor  # [S] long: sampled step
-    weight: torch.Tensor  # [S] float: importance weight w = (1/T_eff) / q(t) (1 for uniform draws)
-    coef: torch.Tensor  # [S] float: multiplier of the sample's token-loss sum in the batch loss
+    weight: torch.Tensor  # [S] float64: importance weight w = (1/T_eff) / q(t) (1 for uniform draws)
+    coef: torch.Tensor  # [S] float64: multiplier of the sample's token-loss sum in the batch loss
     positions: torch.Tensor  # [S, k] long: completion positions committed at t (padded)
     valid: torch.Tensor  # [S, k] bool: real entries of `positions`
 
@@ -62,10 +67,10 @@ def _uniforms(n_rows: int, k: int, scheme: str, generator, device) -> torch.Tens
     raise AgrpoError(f"unknown step_sampling {scheme!r}: choose one of {', '.join(STEP_SAMPLING)}")
 
 
-def step_distribution(rollout: Rollout, importance: str) -> torch.Tensor:
+def step_distribution(rollout: Rollout, importance: str, eos_steps: str = "include") -> torch.Tensor:
     """q_b(t) [B, T] in float64 over t < T_eff (rows with T_eff = 0 are all zero)."""
     bsz, steps = rollout.step.shape[0], rollout.config.steps
-    t_eff = rollout.t_eff
+    t_eff = horizon(rollout, eos_steps)
     live = torch.arange(steps, device=t_eff.device)[None] < t_eff[:, None]
     if importance == "none":
         q = live.double()
@@ -85,25 +90,28 @@ def step_distribution(rollout: Rollout, importance: str) -> torch.Tensor:
 def plan_steps(
     rollout: Rollout,
     num_samples: int,
-    step_sampling: str = "low_discrepancy",
+    step_sampling: str = "stratified",
     importance: str = "none",
     normalization: str = "sequence",
     row_valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    eos_steps: str = "include",
 ) -> StepPlan:
     """Draw K steps per row and precompute everything the loss needs but the forward passes."""
     if num_samples < 1:
         raise AgrpoError(f"num_samples (K) must be >= 1, got {num_samples}")
     if normalization not in NORMALIZATION:
         raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    if eos_steps not in EOS_STEPS:
+        raise AgrpoError(f"unknown eos_steps {eos_steps!r}: choose one of {', '.join(EOS_STEPS)}")
     device = rollout.step.device
-    t_eff = rollout.t_eff
+    t_eff = horizon(rollout, eos_steps)
     keep = t_eff > 0
     if row_valid is not None:
         keep = keep & row_valid.to(device)
     rows = keep.nonzero().squeeze(1)
     k = num_samples
-    q = step_distribution(rollout, importance)[rows]  # [R, T]
+    q = step_distribution(rollout, importance, eos_steps)[rows]  # [R, T]
     u = _uniforms(rows.numel(), k, step_sampling, generator, device)  # [R, K]
     cdf = q.cumsum(1)
     t = torch.searchsorted(cdf, u, right=True)
@@ -126,7 +134,8 @@ def plan_steps(
         denom = float(k * max(rows.numel(), 1))
     else:
         denom = float(max(int(valid.sum()), 1))
-    return StepPlan(row=row, t=t, weight=weight.float(), coef=(weight / denom).float(), positions=order, valid=valid)
+    # float64: 1 / (K * rows) is rarely a float32 number, and the exact checks compare to 1e-9
+    return StepPlan(row=row, t=t, weight=weight, coef=weight / denom, positions=order, valid=valid)
 
 
 def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +170,7 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
         kl = k3_kl(logp, ref_logp, ratio)
         per_tok = per_tok + beta * kl
     per_tok = per_tok.masked_fill(~valid, 0.0)
-    loss = (plan.coef[idx] * per_tok.sum(1)).sum()
+    loss = (plan.coef[idx].to(per_tok.dtype) * per_tok.sum(1)).sum()
     stats = {
         "tokens": valid.sum().item(),
         "clipped": (clipped & valid).sum().item(),
@@ -177,7 +186,7 @@ def agrpo_loss(
     advantages: torch.Tensor,
     *,
     num_samples: int = 8,
-    step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = "low_discrepancy",
+    step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = "stratified",
     importance: Literal["none", "entropy"] = "none",
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -189,6 +198,7 @@ def agrpo_loss(
     backward: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     plan: StepPlan | None = None,
+    eos_steps: Literal["include", "exclude"] = "include",
 ) -> tuple[torch.Tensor, dict]:
     """AGRPO loss of a batch of rollouts -> (loss, metrics).
 
@@ -197,7 +207,8 @@ def agrpo_loss(
     sequences. With `backward` (e.g. `accelerator.backward`) each chunk is back-propagated as
     soon as it is computed, so memory holds one chunk's activations; the returned loss is then
     detached. `ref_logits_fn(x, positions, attention_mask)` gives the reference logits for the
-    KL term (required when beta > 0).
+    KL term (required when beta > 0). `eos_steps` sets T_eff (see `horizon`); a given `plan`
+    already carries it.
     """
     if rollout.config.temperature <= 0:
         raise AgrpoError("rollouts sampled greedily (temperature 0) have no policy gradient: sample with temperature > 0")
@@ -208,7 +219,9 @@ def agrpo_loss(
     if beta > 0 and ref_logits_fn is None:
         raise AgrpoError("beta > 0 needs a reference: pass ref_logits_fn (a frozen copy or the adapter disabled)")
     if plan is None:
-        plan = plan_steps(rollout, num_samples, step_sampling, importance, normalization, row_valid, generator)
+        plan = plan_steps(
+            rollout, num_samples, step_sampling, importance, normalization, row_valid, generator, eos_steps
+        )
     advantages = advantages.to(rollout.logp.device, torch.float32)
     n = plan.row.numel()
     chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))

@@ -1,8 +1,30 @@
-"""Per-token pieces shared by the objectives: clipped surrogate and k3 KL (AGRPO.md §2)."""
+"""Pieces shared by the objectives: the steps a row learns from, clipped surrogate, k3 KL (AGRPO.md §2)."""
 
 from __future__ import annotations
 
 import torch
+
+from agrpo.errors import AgrpoError
+from agrpo.sampling import Rollout
+
+EOS_STEPS = ("include", "exclude")
+
+
+def horizon(rollout: Rollout, eos_steps: str = "include") -> torch.Tensor:
+    """[B] long: the number of leading denoising steps of each row that enter the loss.
+
+    `exclude` is the official code's T_eff: the last step that committed a non-EOS token, + 1.
+    EOS tokens the policy sampled after it (its decision to end the answer) then get no
+    gradient, and the estimate is unbiased only for that truncated sum (AGRPO.md §5).
+    `include` runs to the last step that sampled anything, + 1, so those EOS decisions are
+    learned too. The EOS fill after an early stop is never sampled: it is in neither.
+    """
+    if eos_steps == "exclude":
+        return rollout.t_eff
+    if eos_steps == "include":
+        last = torch.where(rollout.sampled, rollout.step + 1, torch.zeros_like(rollout.step))
+        return last.max(1).values
+    raise AgrpoError(f"unknown eos_steps {eos_steps!r}: choose one of {', '.join(EOS_STEPS)}")
 
 
 def clipped_surrogate(

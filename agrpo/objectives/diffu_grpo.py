@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from agrpo.errors import AgrpoError
-from agrpo.objectives.common import clipped_surrogate, k3_kl
+from agrpo.objectives.common import clipped_surrogate, horizon, k3_kl
 from agrpo.sampling import Rollout
 
 
@@ -29,9 +29,9 @@ def random_prompt_mask(rollout: Rollout, p: float, generator: torch.Generator | 
     return draw & rollout.attention_mask.bool()
 
 
-def loss_mask(rollout: Rollout) -> torch.Tensor:
+def loss_mask(rollout: Rollout, eos_steps: str = "include") -> torch.Tensor:
     """[B, C] bool: tokens the objectives learn from (drawn by the policy, before T_eff)."""
-    return rollout.sampled & (rollout.step < rollout.t_eff[:, None])
+    return rollout.sampled & (rollout.step < horizon(rollout, eos_steps)[:, None])
 
 
 def mean_field_logp(
@@ -62,12 +62,14 @@ def diffu_grpo_loss(
     normalization: Literal["sequence", "token"] = "sequence",
     row_valid: torch.Tensor | None = None,
     temperature: float = 1.0,
+    eos_steps: Literal["include", "exclude"] = "include",
 ) -> tuple[torch.Tensor, dict]:
     """One inner iteration of diffu-GRPO -> (loss, metrics).
 
     old_logp / ref_logp [B, C] are `mean_field_logp` under the same prompt mask, taken before
     the update (old) and with the reference model (ref). normalization "sequence" averages
     each row's tokens then the rows (as d1); "token" averages all loss tokens of the batch.
+    `eos_steps` chooses which sampled EOS tokens are learned from, as in AGRPO (`horizon`).
     """
     bsz = rollout.tokens.shape[0]
     if advantages.shape[0] != bsz:
@@ -76,7 +78,7 @@ def diffu_grpo_loss(
         raise AgrpoError("beta > 0 needs ref_logp from the reference model")
     if normalization not in ("sequence", "token"):
         raise AgrpoError(f"unknown normalization {normalization!r}: choose one of sequence, token")
-    mask = loss_mask(rollout)
+    mask = loss_mask(rollout, eos_steps)
     if row_valid is not None:
         mask = mask & row_valid.to(mask.device)[:, None]
     logp = mean_field_logp(policy, rollout, prompt_mask, temperature)

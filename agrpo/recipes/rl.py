@@ -86,6 +86,10 @@ class RLConfig:
         default="stratified", metadata={"help": "AGRPO: how the K steps are drawn"}
     )
     importance: Literal["none", "entropy"] = field(default="none", metadata={"help": "AGRPO: entropy importance sampling of steps"})
+    eos_steps: Literal["include", "exclude"] = field(
+        default="include",
+        metadata={"help": "include: EOS tokens sampled after the answer are learned from (the decision to stop); exclude: the official truncation"},
+    )
     normalization: Literal["sequence", "token"] = field(
         default="sequence", metadata={"help": "sequence: sum/(K*G) as the official code; token: mean over loss tokens"}
     )
@@ -280,14 +284,14 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
                     policy, rollout, advantages,
                     num_samples=cfg.num_samples, step_sampling=cfg.step_sampling, importance=cfg.importance,
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ref_logits_fn,
-                    normalization=cfg.normalization, row_valid=valid,
+                    normalization=cfg.normalization, row_valid=valid, eos_steps=cfg.eos_steps,
                     max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, generator=gen,
                 )
             else:
                 loss, metrics = diffu_grpo_loss(
                     policy, rollout, advantages, masks[inner], olds[inner],
                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=refs[inner],
-                    normalization=cfg.normalization, row_valid=valid,
+                    normalization=cfg.normalization, row_valid=valid, eos_steps=cfg.eos_steps,
                 )
                 accelerator.backward(loss)
             grad_norm = _grad_norm(params, cfg.grad_clip, accelerator)
