@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from agrpo.compat import prepare_remote_code
 from agrpo.errors import AgrpoError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,6 +195,7 @@ def _load_model(source: str, torch_dtype, trust_remote_code: bool, load_in_4bit:
     if load_in_4bit:
         kwargs["quantization_config"] = _quantization(torch_dtype)
         kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
+    prepare_remote_code(cls, source, **kwargs)
     try:
         model = cls.from_pretrained(source, **kwargs)
     except OSError as e:

@@ -23,6 +23,18 @@ from agrpo.errors import AgrpoError
 
 
 _CHECK_LEN = 32  # positions compared once between the gathered head and the model's own logits
+_OPTIONAL_KWARGS = ("position_ids", "use_cache")
+# relative agreement required of the two paths; bf16/fp16 round each logit at ~1e-2
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _config_ids(model: nn.Module, name: str) -> tuple[int, ...]:
+    """Every id a config lists under `name` (LLaDA-Instruct ends a turn with one EOS and pads with another)."""
+    value = getattr(getattr(model, "config", None), name, None)
+    if value is None:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(dict.fromkeys(int(v) for v in values if v is not None))
 
 
 def _config_id(model: nn.Module, *names: str) -> int | None:
@@ -36,18 +48,74 @@ def _config_id(model: nn.Module, *names: str) -> int | None:
     return None
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model under a peft wrapper. LoRA replaces layers inside it in place, so calling its
+    submodules still runs the adapters (and `disable_adapter` still turns them off)."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else None
+    return base if isinstance(base, nn.Module) else model
+
+
+def _runs_causally(model: nn.Module) -> bool:
+    """True only when transformers itself would run this model with causal attention.
+
+    transformers 5 builds a bidirectional mask for its decoder-only models when
+    `config.is_causal` is False (masking_utils.create_causal_mask), and a causal one when it
+    is True or missing. Classes it does not ship (remote code, custom wrappers) are trusted.
+    """
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    if config is None or not getattr(config, "is_causal", True):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return any(
+        cls.__name__ == causal_class and cls.__module__.startswith("transformers.models.") for cls in type(base).__mro__
+    )
+
+
+def _accepted_kwargs(*modules: nn.Module) -> frozenset[str]:
+    """The optional keyword arguments every one of these forwards takes (named or through **kwargs)."""
+    accepted = set(_OPTIONAL_KWARGS)
+    for module in modules:
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            return frozenset()
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            accepted &= set(params)
+    return frozenset(accepted)
+
+
+def _hidden_states(out) -> torch.Tensor | None:
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and isinstance(out, (tuple, list)) and out:
+        hidden = out[0]
+    if hidden is None and isinstance(out, torch.Tensor):
+        hidden = out
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 class Policy(nn.Module):
     """Wraps a Hugging Face model whose output has `.logits`.
 
     Args:
         model: the HF model (a `*ForCausalLM` with bidirectional attention, a
             `from_pretrained(..., trust_remote_code=True)` LLaDA/Dream, or a peft model).
-        mask_id / pad_id / eos_id: token ids; default to the model config's
+        mask_id / pad_id / eos_id: token ids (eos_id may be a list: each ends a row); default to the model config's
             `mask_token_id` / `pad_token_id` / `eos_token_id`.
         shift_logits: Dream-style models predict position i from position i-1.
         fast_head: gather hidden states before the LM head. Checked once against the
             full forward on a short input; falls back to full logits when the model's
             layout is unknown or the check fails (still exact, only slower).
+        allow_causal: accept a model that transformers runs with causal attention (by
+            default refused: a masked diffusion LM must see the whole sequence).
     """
 
     def __init__(
@@ -55,11 +123,18 @@ class Policy(nn.Module):
         model: nn.Module,
         mask_id: int | None = None,
         pad_id: int | None = None,
-        eos_id: int | None = None,
+        eos_id: int | list[int] | None = None,
         shift_logits: bool = False,
         fast_head: bool = True,
+        allow_causal: bool = False,
     ):
         super().__init__()
+        if not allow_causal and _runs_causally(model):
+            raise AgrpoError(
+                f"{type(_base_model(model)).__name__} runs causal attention (config.is_causal is not False), "
+                "but a masked diffusion LM must see both ways: set model.config.is_causal = False "
+                "(or load it through its family's loader), or pass allow_causal=True if this is intended"
+            )
         self.model = model
         self.mask_id = mask_id if mask_id is not None else _config_id(model, "mask_token_id", "mask_id")
         if self.mask_id is None:
@@ -67,54 +142,62 @@ class Policy(nn.Module):
                 "the model has no mask token id: pass mask_id=... or set config.mask_token_id "
                 "(a masked diffusion LM needs a [MASK] token)"
             )
-        self.eos_id = eos_id if eos_id is not None else _config_id(model, "eos_token_id")
+        # every id in eos_ids stops a row and counts as EOS; the first one fills a stopped row
+        given = eos_id if isinstance(eos_id, (list, tuple)) else ([eos_id] if eos_id is not None else [])
+        self.eos_ids = tuple(dict.fromkeys(int(e) for e in given)) or _config_ids(model, "eos_token_id")
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
         self.pad_id = pad_id if pad_id is not None else _config_id(model, "pad_token_id")
         if self.pad_id is None:
             self.pad_id = self.eos_id
         self.shift_logits = shift_logits
-        self._backbone, self._head = (None, None)
-        if fast_head:
-            self._backbone, self._head = self._find_backbone_and_head()
-        self._accepts_position_ids = self._backbone_accepts("position_ids")
+        # the kwargs reach the base model's forward through the peft wrapper's **kwargs
+        self._model_accepts = _accepted_kwargs(self.model, _base_model(self.model))
+        self._backbone, self._head = self._find_backbone_and_head() if fast_head else (None, None)
+        self._backbone_accepts = _accepted_kwargs(self._backbone) if self._backbone is not None else frozenset()
         self._checked = self._backbone is None
 
     # -- layout discovery -------------------------------------------------------
     def _find_backbone_and_head(self):
-        model = self.model
+        base = _base_model(self.model)
         try:
-            head = model.get_output_embeddings()
-            backbone = model.get_decoder()
+            head = base.get_output_embeddings()
+            backbone = base.get_decoder()
         except (AttributeError, NotImplementedError, TypeError):
             return None, None
-        if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module) or backbone is model:
+        if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module) or backbone in (base, self.model):
             return None, None
         return backbone, head
 
-    def _backbone_accepts(self, name: str) -> bool:
-        target = self._backbone if self._backbone is not None else self.model
-        try:
-            params = inspect.signature(target.forward).parameters
-        except (TypeError, ValueError):
-            return False
-        return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
     @property
     def vocab_size(self) -> int:
-        head = self._head if self._head is not None else self.model.get_output_embeddings()
-        return int(head.weight.shape[0])
+        head = self._head if self._head is not None else _base_model(self.model).get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[0])
+        return int(self.model.config.vocab_size)
 
     # -- forward ---------------------------------------------------------------
-    def _model_kwargs(self, attention_mask: torch.Tensor | None) -> dict:
-        kwargs = {}
+    @staticmethod
+    def _kwargs(accepted: frozenset[str], attention_mask: torch.Tensor | None) -> dict:
+        kwargs = {"use_cache": False} if "use_cache" in accepted else {}
         if attention_mask is not None and not bool(attention_mask.all()):
             kwargs["attention_mask"] = attention_mask
-            if self._accepts_position_ids:
+            if "position_ids" in accepted:
                 # left padding: real tokens must keep positions 0, 1, ... as in training
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return kwargs
 
     def _full_logits(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, **self._model_kwargs(attention_mask)).logits
+        return self.model(input_ids=input_ids, **self._kwargs(self._model_accepts, attention_mask)).logits
+
+    def _fast_logits(self, input_ids, attention_mask, positions):
+        out = self._backbone(input_ids=input_ids, **self._kwargs(self._backbone_accepts, attention_mask))
+        hidden = _hidden_states(out)
+        width = getattr(self._head, "in_features", None)
+        if hidden is None or hidden.shape[:2] != input_ids.shape or (width is not None and hidden.shape[-1] != width):
+            shape = None if hidden is None else tuple(hidden.shape)
+            raise ValueError(f"the backbone returned {shape}, not hidden states of width {width}")
+        return self._head(self._gather_rows(hidden, positions))
 
     def _gather_rows(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.shift_logits:
@@ -140,9 +223,7 @@ class Policy(nn.Module):
             )
         if self._backbone is None:
             return _upcast(self._gather_rows(self._full_logits(input_ids, attention_mask), positions))
-        out = self._backbone(input_ids=input_ids, **self._model_kwargs(attention_mask))
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        return _upcast(self._head(self._gather_rows(hidden, positions)))
+        return _upcast(self._fast_logits(input_ids, attention_mask, positions))
 
     @torch.no_grad()
     def _check_fast_path(self, input_ids, attention_mask):
@@ -150,16 +231,29 @@ class Policy(nn.Module):
         self._checked = True
         length = input_ids.shape[1]
         positions = torch.arange(1 if self.shift_logits else 0, length, device=input_ids.device)[None]
-        full = self._gather_rows(self._full_logits(input_ids, attention_mask), positions).float()
-        out = self._backbone(input_ids=input_ids, **self._model_kwargs(attention_mask))
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        fast = self._head(self._gather_rows(hidden, positions)).float()
-        tol = 1e-4 if full.dtype == torch.float32 and hidden.dtype == torch.float32 else 2e-2
-        scale = full.abs().max().clamp(min=1.0)
-        if fast.shape != full.shape or (fast - full).abs().max() > tol * scale:
+        # dropout (LoRA's included) would make the two paths differ in training mode
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            full = self._gather_rows(self._full_logits(input_ids, attention_mask), positions)
+            try:
+                fast = self._fast_logits(input_ids, attention_mask, positions)
+            except Exception as e:  # noqa: BLE001 - any failure means a layout this wrapper does not know
+                reason = _first_line(e)
+            else:
+                tol = max(_TOLERANCE.get(full.dtype, 2e-2), _TOLERANCE.get(fast.dtype, 2e-2))
+                scale = full.abs().max().clamp(min=1.0)
+                if fast.shape != full.shape or (fast - full).abs().max() > tol * scale:
+                    reason = "they differ (logit scaling or soft-capping after the head?)"
+                else:
+                    reason = None
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if reason is not None:
             warnings.warn(
-                "the model's backbone + head do not reproduce its logits (logit scaling or "
-                "soft-capping?): computing whole-sequence logits instead (exact, slower)",
+                f"the model's backbone + head do not reproduce its logits ({reason}): "
+                "computing whole-sequence logits instead (exact, slower)",
                 stacklevel=3,
             )
             self._backbone, self._head = None, None

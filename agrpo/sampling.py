@@ -99,7 +99,12 @@ class Rollout:
     t_eff: torch.Tensor  # [B] long: last step that committed a non-EOS token, + 1
     config: SamplingConfig
     mask_id: int
-    eos_id: int | None
+    eos_id: int | None  # fills a row that stopped early
+    eos_ids: tuple[int, ...] = ()  # every id that ends a row (eos_id alone when empty)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_ids or ((self.eos_id,) if self.eos_id is not None else ())
 
     @property
     def completion(self) -> torch.Tensor:  # [B, C]
@@ -295,6 +300,12 @@ def _sample_rows(logits: torch.Tensor, cfg: SamplingConfig, mask_id: int, genera
     return tok, logp, entropy, top2[:, 0] - top2[:, 1], filter_record
 
 
+def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
+    if not eos_ids:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+
+
 @torch.no_grad()
 def generate(
     policy: nn.Module,
@@ -307,6 +318,7 @@ def generate(
     cfg.validate()
     core = unwrap(policy)
     mask_id, eos_id = core.mask_id, core.eos_id
+    eos_ids = tuple(getattr(core, "eos_ids", ())) or ((eos_id,) if eos_id is not None else ())
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise AgrpoError(f"prompt_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(prompt_ids.shape)}")
     device = prompt_ids.device
@@ -329,7 +341,7 @@ def generate(
     for block in range(gen // blen):
         start = plen + block * blen
         if stop and block > 0:
-            ended = ~done & (x[:, start - blen : start] == eos_id).all(1)
+            ended = ~done & _is_eos(x[:, start - blen : start], eos_ids).all(1)
             if bool(ended.any()):
                 x[ended, start:] = eos_id
                 step[ended, block * blen :] = block * spb
@@ -376,7 +388,7 @@ def generate(
                     filt = torch.cat([filt, pad], dim=-1)
                 filt[r, col, : frec.shape[-1]] = frec
 
-    real = sampled & ((x[:, plen:] != eos_id) if eos_id is not None else torch.ones_like(sampled))
+    real = sampled & ~_is_eos(x[:, plen:], eos_ids)
     t_eff = torch.where(real, step + 1, torch.zeros_like(step)).max(1).values
     if cfg.temperature > 0 and filt is not None:
         # a slot past the last kept id of every position is dead weight in the record
@@ -395,4 +407,5 @@ def generate(
         config=cfg,
         mask_id=mask_id,
         eos_id=eos_id,
+        eos_ids=eos_ids,
     )

@@ -231,6 +231,31 @@ def test_rows_stop_after_an_eos_block(gen):
     assert ro.t_eff[:3].max() <= 4
 
 
+def test_every_eos_id_stops_a_row_and_counts_as_eos(gen):
+    """Two EOS ids (LLaDA-Instruct: end of turn, then end of text): a block of either, or of both mixed, stops a row."""
+    EOT = 3
+    base = tiny_model(14, logit_scale=10.0, eos_token_id=[EOS, EOT])
+    P = 4
+    # rows led by 5: EOT alone from block 1; rows led by 6: EOS and EOT equally likely from block 1
+    model = BiasedLM(base, {EOT: 20.0}, start=P + 4, row_pred=lambda ids: ids[:, 0] <= 6)
+    model2 = BiasedLM(model, {EOS: 20.0}, start=P + 4, row_pred=lambda ids: ids[:, 0] == 6)
+    pol = Policy(model2)
+    assert pol.eos_ids == (EOS, EOT) and pol.eos_id == EOS
+    x0 = prompts(6, P, seed=8)
+    x0[:2, 0], x0[2:4, 0], x0[4:, 0] = 5, 6, 30
+    cfg = SamplingConfig(gen_length=16, block_length=4, steps=8, temperature=0.7, top_k=5, top_p=0.95)
+    ro = generate(pol, x0, None, cfg, generator=gen)
+    comp = ro.completion
+    assert ro.stop_ids == (EOS, EOT)
+    assert bool((comp[:2, 4:8] == EOT).all())
+    assert bool((comp[2:4, 4:8] == EOS).any()) and bool((comp[2:4, 4:8] == EOT).any())  # mixed blocks
+    for b in range(4):
+        assert bool((comp[b, 8:] == EOS).all()) and not bool(ro.sampled[b, 8:].any())  # stopped, filled
+        t_eff = max([int(ro.step[b, c]) + 1 for c in range(16) if ro.sampled[b, c] and int(comp[b, c]) not in (EOS, EOT)],
+                    default=0)
+        assert int(ro.t_eff[b]) == t_eff <= 2
+
+
 # -- (6) greedy ----------------------------------------------------------------------------------
 def test_temperature_zero_is_deterministic_argmax():
     model = tiny_model(15, logit_scale=10.0)
