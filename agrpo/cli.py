@@ -3,8 +3,11 @@
     agrpo train [-c preset.yaml] [key=value ...]     RL (AGRPO by default)
     agrpo sft   [-c preset.yaml] [key=value ...]     masked-diffusion supervised training
     agrpo eval  [-c preset.yaml] [key=value ...]     held-out accuracy
+    agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
     agrpo bench rollout|loss [--json]                speed against a naive baseline
-    agrpo config train|sft|eval                      every field, its default and its help
+    agrpo config train|sft|eval|export               every field, its default and its help
+    agrpo plot RUN                                   redraw RUN/curves.png from RUN/metrics.jsonl
+    agrpo --version
 
 Overrides use dotted keys for nested sections (`sampling.temperature=0.7`); `--key value`
 is accepted as a synonym of `key=value`. Mistakes in the input print one line and exit 2.
@@ -39,7 +42,11 @@ def _recipe(name: str):
         from agrpo.recipes.evaluate import EvalConfig, run_eval
 
         return EvalConfig, run_eval
-    raise AgrpoError(f"unknown command {name!r}: choose train, sft, eval, bench or config")
+    if name == "export":
+        from agrpo.recipes.export import ExportConfig, run_export
+
+        return ExportConfig, run_export
+    raise AgrpoError(f"unknown command {name!r}: choose train, sft, eval, export, bench, plot or config")
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -85,9 +92,27 @@ def _run(argv: list[str]) -> int:
             raise AgrpoError(f"unknown bench argument {unknown[0]!r}: only --json is accepted")
         (run_rollout if rest[0] == "rollout" else run_loss)(json_out=json_out)
         return 0
+    if command in ("--version", "version"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"agrpo {version('agrpo')}")
+        except PackageNotFoundError:
+            print("agrpo (not installed: run pip install -e .)")
+        return 0
+    if command == "plot":
+        from pathlib import Path
+
+        from agrpo.runlog import METRICS, plot_curves
+
+        if len(rest) != 1:
+            raise AgrpoError("usage: agrpo plot RUN (a run directory holding metrics.jsonl)")
+        out = plot_curves(Path(rest[0]) / METRICS, Path(rest[0]) / "curves.png")
+        print(out)
+        return 0
     if command == "config":
         if not rest:
-            raise AgrpoError("usage: agrpo config train|sft|eval")
+            raise AgrpoError("usage: agrpo config train|sft|eval|export")
         cls, _ = _recipe(rest[0])
         print(describe_config(cls))
         return 0
@@ -106,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return _run(argv)
+    except BrokenPipeError:
+        # `agrpo config train | head`: the reader left; say nothing more and leave quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except AgrpoError as err:
         print(f"agrpo: error: {err}", file=sys.stderr)
         return 2

@@ -25,6 +25,15 @@ def _hints(cls) -> dict:
 
 
 def _type_name(tp) -> str:
+    """How a value of `tp` is written on the command line: the choices of a Literal, a list's syntax."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        inner = _type_name(args[0]) if args else "value"
+        return f"list of {inner}: [a,b]"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -93,6 +102,15 @@ def _fields(cls) -> dict:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+def _suggest(key: str, names: list[str]) -> list[str]:
+    """Names the user probably meant: a name the key abbreviates (temp -> temperature) first,
+    then names spelled alike (lerning_rate -> ... none here, lr_schedule -> lr_schedule)."""
+    low = key.lower()
+    starts = [n for n in names if n.startswith(low) or (len(low) >= 2 and low in n.split("_"))]
+    alike = difflib.get_close_matches(low, names, n=3, cutoff=0.6)
+    return list(dict.fromkeys(starts + alike))[:3]
+
+
 def _apply(obj, mapping: dict, prefix: str = "") -> None:
     if not isinstance(mapping, dict):
         raise AgrpoError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys to values, got {mapping!r}")
@@ -101,8 +119,8 @@ def _apply(obj, mapping: dict, prefix: str = "") -> None:
     for key, value in mapping.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            close = _suggest(str(key), list(fields))
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             raise AgrpoError(f"unknown key {full!r}{hint}; valid keys: {', '.join(fields)}")
         tp = hints[key]
         current = getattr(obj, key)
@@ -189,14 +207,14 @@ def check_documented(cls) -> None:
 
 
 def describe_config(cls) -> str:
-    """Every field: dotted name, type, default and help."""
+    """Every field: dotted name, default, help, and [what it takes: a type, the choices, a list's syntax]."""
     default = cls()
     lines = []
     for name, tp, f in _walk(cls):
         value = default
         for part in name.split("."):
             value = getattr(value, part)
-        lines.append(f"{name:<28} {_type_name(tp):<12} {value!r:<22} {f.metadata.get('help', '')}")
+        lines.append(f"{name:<28} {value!r:<22} {f.metadata.get('help', '')}  [{_type_name(tp)}]")
     return "\n".join(lines)
 
 

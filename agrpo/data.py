@@ -7,28 +7,47 @@ import torch
 from agrpo.errors import AgrpoError
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False, device=None):
+def render_messages(messages: list[dict]) -> str:
+    """Plain text of chat messages, for a tokenizer without a chat template (base models):
+    the contents, one paragraph each, then a blank line where the reply starts."""
+    return "\n\n".join(str(m.get("content", "")) for m in messages) + "\n\n"
+
+
+def _prompt_ids(tokenizer, prompt, chat_template: bool) -> list[int]:
+    if isinstance(prompt, str):
+        if not chat_template:
+            return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) and "content" in m for m in prompt):
+        raise AgrpoError(f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}")
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(render_messages(prompt), add_special_tokens=False)["input_ids"])
+    ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_prompts(tokenizer, prompts: list, chat_template: bool = False, device=None):
     """Left-padded prompt ids and attention mask ([B, P] each).
+
+    A prompt is a string or a list of chat messages. Messages go through the tokenizer's
+    chat template (system and user turns, then the assistant's opening), or are joined as
+    plain paragraphs when the tokenizer has none. A string is encoded as it is, or, with
+    `chat_template`, as one user turn.
 
     Left padding keeps every completion starting at the same column, which the block
     sampler needs; the attention mask hides the padding and the policy derives position
-    ids from it. `chat_template` wraps each prompt as one user turn (instruct models).
+    ids from it.
     """
     if not prompts:
         raise AgrpoError("no prompts to encode")
     rows = []
-    for text in prompts:
-        if chat_template:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for prompt in prompts:
+        ids = _prompt_ids(tokenizer, prompt, chat_template)
         if len(ids) == 0:
-            raise AgrpoError(f"prompt {text!r} encodes to no tokens")
-        rows.append(list(ids))
+            raise AgrpoError(f"prompt {prompt!r} encodes to no tokens")
+        rows.append(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise AgrpoError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")

@@ -29,7 +29,7 @@ def evaluate(
     scores, completions = [], []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        ids, mask = encode_prompts(tokenizer, [ex["prompt"] for ex in batch], chat_template, device)
+        ids, mask = encode_prompts(tokenizer, [task.prompt(ex) for ex in batch], chat_template, device)
         rollout = generate(core, ids, mask, sampling, generator)
         texts = decode_completions(tokenizer, rollout.completion, core.eos_id)
         for ex, text in zip(batch, texts):

@@ -44,12 +44,35 @@ def _first_line(e: BaseException) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else with separators is meant as a path."""
+    """A hub id is `name` or `org/name`; anything else with separators is meant as a path, and so
+    is `dir/name` when `dir` is a local directory (`runs/my-run` with a typo in `my-run`)."""
     if name.startswith((".", "/", "~")) or re.match(r"^[A-Za-z]:[\\/]", name):
         return True
     if "\\" in name or (os.sep != "/" and os.sep in name):
         return True
-    return name.count("/") > 1
+    return name.count("/") > 1 or ("/" in name and Path(name.split("/", 1)[0]).is_dir())
+
+
+def _offline_unless_reachable() -> bool:
+    """True when hub files can come from the local cache only.
+
+    One quick request decides: with no route to the hub, huggingface_hub retries every file
+    with backoff (~27 s before the first error); in offline mode a cached model loads at once
+    and a missing one fails at once.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # noqa: BLE001 - any transport failure means the hub cannot be reached
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # worker processes started later agree
+        return True
+    return False
 
 
 def _resolve_tiny(name: str) -> Path:
@@ -123,27 +146,46 @@ def _auto_class(config, trust_remote_code: bool):
     )
 
 
-def _tokenizer(source: str, trust_remote_code: bool):
+def _tokenizer(source: str, trust_remote_code: bool, config=None):
     from transformers import AutoTokenizer
 
+    # a given config spares AutoTokenizer from reading a config.json it cannot parse (LLaDA's, Dream's)
+    kwargs = {"config": config} if config is not None else {}
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise AgrpoError(f"cannot load a tokenizer from {source}: {_first_line(e)}") from e
 
 
-def _set_mask_token(model: nn.Module, tokenizer, name: str) -> None:
-    config = model.config
-    for key in ("mask_token_id", "mask_id"):
-        if getattr(config, key, None) is not None:
-            return
-    mask = getattr(tokenizer, "mask_token_id", None)
-    if mask is None:
+def _require_mask_token(model: nn.Module, name: str) -> None:
+    if getattr(model.config, "mask_token_id", None) is None and getattr(model.config, "mask_id", None) is None:
         raise AgrpoError(
             f"{name} has no mask token: set mask_token_id in its config.json or give its tokenizer "
             "a mask token (a masked diffusion LM needs one)"
         )
-    config.mask_token_id = int(mask)
+
+
+def shift_logits_of(model: nn.Module, override: bool | None = None) -> bool:
+    """Whether position i is scored from the logits of i - 1: `override` if given, else the
+    value the loader recorded for the model's family (Dream: True)."""
+    if override is not None:
+        return bool(override)
+    return bool(getattr(getattr(model, "config", None), "shift_logits", False))
+
+
+def _lora_targets(model: nn.Module, names: list[str] | None) -> list[str] | None:
+    """Hub module names translated (LLaDA's attn_out -> o_proj, ...); a name matching nothing is refused."""
+    if not names:
+        return None
+    from agrpo.families import lora_targets
+
+    targets = lora_targets(model.config, list(names))
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    missing = [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise AgrpoError(f"lora.target_modules {missing} match no linear layer of this model: choose among {', '.join(leaves)}")
+    return targets
 
 
 def _apply_lora(model: nn.Module, lora: dict) -> nn.Module:
@@ -159,7 +201,7 @@ def _apply_lora(model: nn.Module, lora: dict) -> nn.Module:
         r=r,
         lora_alpha=lora.get("alpha", 16),
         lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(lora["target_modules"]) if lora.get("target_modules") else None,
+        target_modules=_lora_targets(model, lora.get("target_modules")),
         task_type=None,
     )
     try:
@@ -182,51 +224,147 @@ def _quantization(dtype: torch.dtype):
     )
 
 
-def _load_model(source: str, torch_dtype, trust_remote_code: bool, load_in_4bit: bool, device):
-    from transformers import AutoConfig
+def _resolve_dtype(dtype: str, family) -> torch.dtype:
+    if dtype == "auto":
+        # an 8B family model in float32 needs 32 GB for the weights alone; tiny models keep float32
+        gpu = torch.cuda.is_available() and family.native_class is not None
+        return torch.bfloat16 if gpu else torch.float32
+    return DTYPES[dtype]
+
+
+def _check_attention(attn_implementation: str | None) -> None:
+    if attn_implementation and attn_implementation.startswith("flash_attention"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise AgrpoError(
+                f"attn_implementation={attn_implementation} needs the flash-attn package (pip install flash-attn, "
+                "CUDA GPU): install it or use attn_implementation=sdpa"
+            )
+
+
+def _read_config_json(source: str) -> dict:
+    from huggingface_hub import constants
+    from transformers import PretrainedConfig
 
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        hub, _ = PretrainedConfig.get_config_dict(source)
     except (OSError, ValueError) as e:
-        hint = " (pass trust_remote_code=true for models with their own code)" if "trust_remote_code" in str(e) else ""
-        raise AgrpoError(f"cannot load a model config from {source}: {_first_line(e)}{hint}") from e
-    cls = _auto_class(config, trust_remote_code)
-    kwargs = {"config": config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if load_in_4bit:
+        if constants.HF_HUB_OFFLINE and not Path(source).exists():
+            raise AgrpoError(
+                f"{source} is not in the local cache and the hub cannot be reached (offline): pass a local "
+                "directory written by save_pretrained, or download the model where there is network "
+                "(HF_HUB_OFFLINE=1 then reads it from the cache)"
+            ) from e
+        raise AgrpoError(f"cannot load a model config from {source}: {_first_line(e)}") from e
+    return hub
+
+
+def _load_model(source: str, opts: dict):
+    """(model, its family, the hub config.json it was mapped from or None)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from agrpo.families import identify, native_config
+
+    trust_remote_code = opts["trust_remote_code"]
+    # transformers draws a "Loading weights" bar per load, which tears through the run's own bar
+    transformers.utils.logging.disable_progress_bar()
+    hub = _read_config_json(source)
+    family, hub_layout = identify(hub)
+    if not hub_layout or trust_remote_code:  # trust_remote_code: the hub's own classes, as asked
+        hub = None
+    torch_dtype = _resolve_dtype(opts["dtype"], family)
+    if hub is not None:  # LLaDA / Dream: a transformers class, names renamed while the weights stream in
+        config = native_config(family, hub)
+        cls = getattr(transformers, family.native_class)
+        kwargs = {"config": config, "dtype": torch_dtype, "key_mapping": dict(family.weight_names) or None}
+    else:
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            hint = " (pass trust_remote_code=true for models with their own code)" if "trust_remote_code" in str(e) else ""
+            raise AgrpoError(f"cannot load a model config from {source}: {_first_line(e)}{hint}") from e
+        cls = _auto_class(config, trust_remote_code)
+        kwargs = {"config": config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    attn = opts["attn_implementation"]
+    if attn and not (trust_remote_code and attn == "sdpa"):  # hub code may not declare sdpa support
+        _check_attention(attn)
+        kwargs["attn_implementation"] = attn
+    device = opts["device"]
+    if opts["load_in_4bit"]:
         kwargs["quantization_config"] = _quantization(torch_dtype)
         kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
+    elif opts["device_map"] is not None:
+        kwargs["device_map"] = opts["device_map"]
     prepare_remote_code(cls, source, **kwargs)
     try:
         model = cls.from_pretrained(source, **kwargs)
     except OSError as e:
         raise AgrpoError(f"cannot load model weights from {source}: {_first_line(e)}") from e
-    if device is not None and not load_in_4bit:  # a quantised model is placed by device_map
+    if hub is not None:
+        # save_pretrained would otherwise write the hub's weight names under a native config.json;
+        # checkpoints stay native, save_in_family_format writes the hub layout
+        model._weight_conversions = []
+    if device is not None and "device_map" not in kwargs:  # a quantised model is placed by device_map
         model = model.to(device)
-    return model
+    return model, family, hub
+
+
+def _enable_activation_checkpointing(model: nn.Module) -> None:
+    # activation_checkpointing_enable replaced the deprecated gradient_checkpointing_enable in transformers 5
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    try:
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as e:
+        raise AgrpoError(f"gradient_checkpointing=true is not supported by this model: {_first_line(e)}") from e
 
 
 def load_model_and_tokenizer(
     name_or_path: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     trust_remote_code: bool = False,
     lora: dict | None = None,
     load_in_4bit: bool = False,
     device=None,
+    device_map=None,
+    attn_implementation: str | None = "sdpa",
+    gradient_checkpointing: bool = False,
+    mask_token_id: int | None = None,
+    shift_logits: bool | None = None,
 ):
     """(model, tokenizer) ready for `agrpo.Policy`; the config always has `mask_token_id`.
 
+    LLaDA and Dream hub checkpoints load into Llama / Qwen2 classes of transformers with
+    attention over the whole sequence (`agrpo.families`); anything else loads through the
+    Auto classes, with `is_causal=False` forced. The config records `shift_logits` and
+    `eos_token_id` (the list of ids that end a row) for the recipes.
+
     Args:
-        dtype: "float32", "bfloat16" or "float16" (parameter dtype).
+        dtype: "auto" (bfloat16 for LLaDA / Dream on a GPU, else float32), "float32",
+            "bfloat16" or "float16" (parameter dtype).
         lora: {"r", "alpha", "dropout", "target_modules"}: wrap the model with peft LoRA
-            adapters so that only those train. Given with a LoRA checkpoint, the saved
-            adapter is loaded trainable instead of a new one (its rank must match).
+            adapters so that only those train. LLaDA's module names (attn_out, ff_proj,
+            ff_out) are translated. Given with a LoRA checkpoint, the saved adapter is
+            loaded trainable instead of a new one (its rank must match).
         load_in_4bit: quantise with bitsandbytes (CUDA only).
         device: move the model there (default: where from_pretrained puts it, the CPU).
+        device_map: passed to from_pretrained (e.g. "auto" to spread a model over GPUs).
+        attn_implementation: "sdpa", "eager" or "flash_attention_2" (needs flash-attn).
+        gradient_checkpointing: recompute activations in the backward pass (memory for time).
+        mask_token_id / shift_logits: override what the config, tokenizer or family say.
     """
-    if dtype not in DTYPES:
-        raise AgrpoError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    if dtype != "auto" and dtype not in DTYPES:
+        raise AgrpoError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+    opts = {
+        "dtype": dtype, "trust_remote_code": trust_remote_code, "load_in_4bit": load_in_4bit, "device": device,
+        "device_map": device_map, "attn_implementation": attn_implementation,
+        "gradient_checkpointing": gradient_checkpointing, "mask_token_id": mask_token_id, "shift_logits": shift_logits,
+    }
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
         path: Path | None = _resolve_tiny(name)
@@ -238,6 +376,12 @@ def load_model_and_tokenizer(
             path = _resolve_run_dir(candidate)
         elif _looks_like_path(name):
             hint = "check the path, or pass a hub name like org/model"
+            if candidate.parent.is_dir():
+                import difflib
+
+                close = difflib.get_close_matches(candidate.name, [c.name for c in candidate.parent.iterdir()], n=3)
+                if close:
+                    hint = f"did you mean {', '.join(str(candidate.parent / c) for c in close)}? Or {hint}"
             if candidate.name == "model" and candidate.parent.name:  # where `agrpo sft` saves its model
                 run = candidate.parent
                 hint = f"create it with `agrpo sft output_dir={run.parent} name={run.name}` (plus the task's settings), or {hint}"
@@ -245,30 +389,42 @@ def load_model_and_tokenizer(
         else:
             path = None
 
-    if path is None:  # a hub name
-        source = name
-        model = _load_model(source, torch_dtype, trust_remote_code, load_in_4bit, device)
-        tokenizer = _tokenizer(source, trust_remote_code)
-    elif (path / "adapter_config.json").is_file():
-        model, tokenizer = _load_adapter(path, lora, dtype, trust_remote_code, load_in_4bit, device)
-        lora = None  # the adapter is the LoRA
+    if path is not None and (path / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(path, lora, opts)
+        if gradient_checkpointing and lora is not None:
+            model.enable_input_require_grads()
+        return model, tokenizer
+    source = name if path is None else str(path)
+    if path is None:
+        _offline_unless_reachable()
+    model, family, hub = _load_model(source, opts)
+    if path is None or _has_tokenizer(path):
+        tok_source = source
     else:
-        model = _load_model(str(path), torch_dtype, trust_remote_code, load_in_4bit, device)
-        tok_source = str(path) if _has_tokenizer(path) else _recorded_source(path)
+        tok_source = _recorded_source(path)
         if tok_source is None:
             raise AgrpoError(
                 f"{path} has no tokenizer files and records no base model: save the tokenizer there "
                 "with tokenizer.save_pretrained"
             )
-        tokenizer = _tokenizer(tok_source, trust_remote_code)
+    tokenizer = _tokenizer(tok_source, trust_remote_code, model.config if hub is not None else None)
+    tokenizer.padding_side = "left"  # prompts end where the completion starts (agrpo.data.encode_prompts)
 
-    _set_mask_token(model, tokenizer, name)
+    from agrpo.families import annotate
+
+    annotate(model.config, family, tokenizer, hub=hub, source=source if hub is not None else None,
+             mask_token_id=mask_token_id, shift_logits=shift_logits)
+    _require_mask_token(model, name)
+    if gradient_checkpointing:
+        _enable_activation_checkpointing(model)
     if lora is not None:
         model = _apply_lora(model, lora)
+        if gradient_checkpointing:  # frozen embeddings: let the checkpointed blocks see an input that needs grad
+            model.enable_input_require_grads()
     return model, tokenizer
 
 
-def _load_adapter(path: Path, lora: dict | None, dtype: str, trust_remote_code: bool, load_in_4bit: bool, device):
+def _load_adapter(path: Path, lora: dict | None, opts: dict):
     """A LoRA checkpoint: its base model (recorded at save time) plus the saved adapter."""
     from peft import PeftModel
 
@@ -284,11 +440,10 @@ def _load_adapter(path: Path, lora: dict | None, dtype: str, trust_remote_code: 
         raise AgrpoError(
             f"adapter checkpoint {path} has LoRA rank {saved_r} but lora.r={lora.get('r')}: use the same rank"
         )
-    base, tokenizer = load_model_and_tokenizer(
-        base_source, dtype=dtype, trust_remote_code=trust_remote_code, load_in_4bit=load_in_4bit, device=device
-    )
+    base, tokenizer = load_model_and_tokenizer(base_source, **opts)
     if _has_tokenizer(path):
-        tokenizer = _tokenizer(str(path), trust_remote_code)
+        tokenizer = _tokenizer(str(path), opts["trust_remote_code"], base.config)
+        tokenizer.padding_side = "left"
     try:
         model = PeftModel.from_pretrained(base, str(path), is_trainable=lora is not None)
     except (OSError, ValueError, RuntimeError) as e:

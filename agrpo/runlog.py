@@ -3,7 +3,7 @@
     config.yaml      the resolved configuration (written atomically)
     metrics.jsonl    one JSON object per logged line, each with a `step`
     summary.json     final numbers (written atomically)
-    curves.png       training reward and held-out accuracy against step
+    curves.png       training reward and held-out accuracy against step (`agrpo plot RUN` redraws it)
     checkpoints/     see agrpo.checkpoint
 
 Each metrics line is flushed and fsync'ed as it is written, so a crash loses at most the
@@ -26,8 +26,6 @@ from agrpo.fileio import json_safe, write_atomic
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
-
-
 
 
 def _parse_lines(path: Path, text: str) -> list[dict]:
@@ -151,23 +149,63 @@ def make_run_dir(output_dir: str | os.PathLike, name: str, resume: bool) -> Path
     return run_dir
 
 
-def _series(records: list[dict], key: str) -> list[tuple[int, dict]]:
-    out = []
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
     for r in records:
         v = r.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append((r["step"], r))
+            steps.append(r["step"])
+            values.append(float(v))
+    return steps, values
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): no look-ahead, no lag past the window."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
     return out
 
 
+def curve_data(records: list[dict]) -> dict:
+    """What `plot_curves` draws, as numbers (tests and other tools read it).
+
+    reward: raw per-step means and their trailing mean over ~1/10 of the run (at least 5
+    steps); accuracy: every evaluation, the base (the step-0 evaluation, else the first)
+    and a y range zoomed to the data with a margin, so that a gain of a few points shows.
+    """
+    r_steps, r_raw = _series(records, "reward_mean")
+    window = max(5, len(r_raw) // 10)
+    a_steps, acc = _series(records, "eval_accuracy")
+    base = None
+    if acc:
+        base = acc[a_steps.index(0)] if 0 in a_steps else acc[0]
+    ylim = None
+    if acc:
+        lo, hi = min(acc), max(acc)
+        pad = max(0.02, 0.15 * (hi - lo))
+        ylim = (max(0.0, lo - pad), min(1.0, hi + pad))
+        if ylim[1] - ylim[0] < 0.05:  # one evaluation, or a flat line: still a readable range
+            mid = (lo + hi) / 2
+            ylim = (max(0.0, mid - 0.025), min(1.0, mid + 0.025))
+    return {
+        "reward_steps": r_steps, "reward_raw": r_raw, "reward_smooth": smooth(r_raw, window), "smooth_window": window,
+        "accuracy_steps": a_steps, "accuracy": acc, "base_accuracy": base, "accuracy_ylim": ylim,
+    }
+
+
 def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Training reward (mean ± std band) and held-out accuracy against step, as a PNG.
+    """Training reward (raw faint, trailing mean bold) and held-out accuracy (zoomed, base
+    dashed) against step, as a PNG; `curve_data` gives the numbers drawn.
 
     A missing metrics file raises `AgrpoError`. A panel without data (an empty file, a
     run with no evaluation yet) shows a "no ... logged yet" placeholder instead of
     failing, so that plotting at the end of a run never costs its results.
     """
-    records = read_metrics(metrics_path)
+    data = curve_data(read_metrics(metrics_path))
     # Figure + the Agg canvas directly: no pyplot, so no display backend and no global state
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -176,30 +214,27 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     FigureCanvasAgg(fig)
     ax_r, ax_a = fig.subplots(1, 2)
 
-    reward = _series(records, "reward_mean")
-    if reward:
-        steps = [s for s, _ in reward]
-        mean = [r["reward_mean"] for _, r in reward]
-        ax_r.plot(steps, mean, marker="o" if len(steps) < 20 else None, label="mean")
-        std = [r.get("reward_std") for _, r in reward]
-        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in std):
-            lo = [m - s for m, s in zip(mean, std)]
-            hi = [m + s for m, s in zip(mean, std)]
-            ax_r.fill_between(steps, lo, hi, alpha=0.25, label="± std")
+    if data["reward_steps"]:
+        steps = data["reward_steps"]
+        ax_r.plot(steps, data["reward_raw"], color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
+        ax_r.plot(steps, data["reward_smooth"], color="tab:blue", linewidth=2,
+                  label=f"mean of last {data['smooth_window']} steps")
         ax_r.legend(loc="best")
     else:
         ax_r.text(0.5, 0.5, "no training reward logged yet", ha="center", va="center", transform=ax_r.transAxes)
-    ax_r.set_title("training reward")
+    ax_r.set_title("training reward (sampled rollouts)")
     ax_r.set_xlabel("step")
     ax_r.set_ylabel("reward")
 
-    acc = _series(records, "eval_accuracy")
-    if acc:
-        ax_a.plot([s for s, _ in acc], [r["eval_accuracy"] for _, r in acc], marker="o")
-        ax_a.set_ylim(-0.02, 1.02)
+    if data["accuracy"]:
+        ax_a.plot(data["accuracy_steps"], data["accuracy"], marker="o", color="tab:green", label="held-out")
+        ax_a.axhline(data["base_accuracy"], color="gray", linestyle="--", linewidth=1,
+                     label=f"base {data['base_accuracy']:.3f}")
+        ax_a.set_ylim(*data["accuracy_ylim"])
+        ax_a.legend(loc="best")
     else:
         ax_a.text(0.5, 0.5, "no held-out evaluation logged yet", ha="center", va="center", transform=ax_a.transAxes)
-    ax_a.set_title("held-out accuracy")
+    ax_a.set_title("held-out accuracy (greedy)")
     ax_a.set_xlabel("step")
     ax_a.set_ylabel("accuracy")
     fig.suptitle(Path(metrics_path).resolve().parent.name)

@@ -42,7 +42,7 @@ def test_defaults_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("inner.gen_lenght=3", "did you mean gen_length"),
+        ("inner.gen_lenght=3", "did you mean inner.gen_length"),
         ("mode=c", "choose one of a, b"),
         ("inner.gen_length=abc", "expected int"),
         ("inner.gen_length=1.5", "expected int"),
@@ -81,3 +81,18 @@ def test_cli_split():
     assert parse_cli_overrides(["-c", "a.yaml", "lr=1"]) == ("a.yaml", ["lr=1"])
     with pytest.raises(AgrpoError, match="unexpected argument"):
         parse_cli_overrides(["oops"])
+
+
+def test_describe_shows_choices_and_list_syntax():
+    lines = {line.split()[0]: line for line in describe_config(Outer).splitlines()}
+    assert lines["mode"].endswith("[a|b]")
+    assert lines["layers"].endswith("[list of str: [a,b]]")
+    assert lines["limit"].endswith("[int or null]")
+    assert lines["inner.temperature"].endswith("[float]")
+
+
+def test_unknown_key_suggests_the_field_it_abbreviates():
+    with pytest.raises(AgrpoError, match=r"did you mean inner\.temperature"):
+        load_config(Outer, None, ["inner.temp=0.5"])
+    with pytest.raises(AgrpoError, match=r"did you mean layers"):
+        load_config(Outer, None, ["layer=[a]"])

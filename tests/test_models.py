@@ -206,3 +206,81 @@ def test_adapter_checkpoint_loads_on_its_base(tiny_dir, tmp_path):
     }
     with pytest.raises(AgrpoError, match="rank 4"):
         load_model_and_tokenizer(str(ckpt), lora={**lora, "r": 8})
+
+
+# -- the generic family: any transformers model with a mask token -------------------------------
+def test_generic_models_run_bidirectionally_with_the_given_options(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = save_tiny(tmp_path / "causal")
+    model.config.is_causal = True
+    model.config.save_pretrained(tmp_path / "causal")
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "causal")).config.is_causal is True
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "causal"), mask_token_id=5, shift_logits=True)
+    assert loaded.config.is_causal is False
+    assert loaded.config.mask_token_id == 5 and models_mod.shift_logits_of(loaded) is True
+    assert loaded.config.agrpo_family["name"] == "generic"
+    x = torch.tensor([[4, 5, 6, 7]])
+    with torch.no_grad():  # bidirectional: the first position sees the last token
+        a = loaded(input_ids=x).logits[0, 0]
+        b = loaded(input_ids=torch.tensor([[4, 5, 6, 8]])).logits[0, 0]
+    assert not torch.allclose(a, b)
+    plain, _ = load_model_and_tokenizer(str(tmp_path / "causal"))
+    assert plain.dtype == torch.float32 and models_mod.shift_logits_of(plain) is False  # auto on CPU
+
+
+def test_attention_and_checkpointing_options(tiny_dir, monkeypatch):
+    import importlib.util
+    import warnings
+
+    path = str(tiny_dir[0])
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(AgrpoError, match="flash-attn.*attn_implementation=sdpa"):
+            load_model_and_tokenizer(path, attn_implementation="flash_attention_2")
+    eager, _ = load_model_and_tokenizer(path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated checkpointing call of ours
+        model, _ = load_model_and_tokenizer(path, gradient_checkpointing=True)
+    assert model.is_activation_checkpointing
+    model.train()
+    x = torch.tensor([[4, 5, 6, 7]])
+    model(input_ids=x).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_mistyped_run_path_fails_at_once_without_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "sudoku-agrpo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked about a local path")
+
+    monkeypatch.setattr(models_mod, "_offline_unless_reachable", no_hub)
+    with pytest.raises(AgrpoError, match=r"does not exist: did you mean runs/sudoku-agrpo\?"):
+        load_model_and_tokenizer("runs/sudoku-agrpp")
+
+
+def test_unreachable_hub_goes_offline_after_one_probe(monkeypatch):
+    from huggingface_hub import constants
+    import huggingface_hub.utils
+
+    calls = []
+
+    class DeadSession:
+        def head(self, *a, **k):
+            calls.append(a)
+            raise OSError("no route to host")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: DeadSession())
+    with pytest.raises(AgrpoError, match="not in the local cache and the hub cannot be reached"):
+        load_model_and_tokenizer("someorg/not-cached-model")
+    assert len(calls) == 1 and constants.HF_HUB_OFFLINE is True
+
+
+def test_loading_draws_no_progress_bar_of_its_own(capfd):
+    load_model_and_tokenizer("tiny:sudoku")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err

@@ -139,8 +139,8 @@ def test_frozen_reference_kl_is_zero_on_policy_then_positive(tiny_dir, tmp_path)
 
 def test_reward_of_the_wrong_length_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
     from agrpo.errors import AgrpoError
-    from agrpo.tasks.sudoku import SudokuTask
+    from agrpo.tasks.tiny_sudoku import TinySudokuTask
 
-    monkeypatch.setattr(SudokuTask, "reward", lambda self, prompts, completions, **cols: [0.0] * (len(prompts) // 2))
+    monkeypatch.setattr(TinySudokuTask, "reward", lambda self, prompts, completions, **cols: [0.0] * (len(prompts) // 2))
     with pytest.raises(AgrpoError, match="returned 2 values for 4 completions"):
         rl.train(small(tiny_dir, tmp_path, name="bad", max_steps=1))

@@ -121,3 +121,39 @@ def test_make_run_dir_refuses_to_overwrite_a_started_run(tmp_path):
     assert make_run_dir(tmp_path / "runs", "new", resume=True).is_dir()  # resuming nothing starts fresh
     with pytest.raises(AgrpoError, match="name"):
         make_run_dir(tmp_path / "runs", "", resume=False)
+
+
+def test_curve_data_smooths_the_reward_and_zooms_on_the_accuracy(tmp_path):
+    from agrpo.runlog import curve_data, smooth
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    # a noisy reward that rises by 0.2 over 100 steps; accuracy 0.647 -> 0.668
+    records = [{"step": 0, "eval_accuracy": 0.647}]
+    for s in range(1, 101):
+        line = {"step": s, "reward_mean": 0.5 + 0.002 * s + (0.3 if s % 2 else -0.3)}
+        if s % 50 == 0:
+            line["eval_accuracy"] = 0.647 + 0.021 * s / 100
+        records.append(line)
+    data = curve_data(records)
+    assert data["smooth_window"] == 10
+    raw, sm = data["reward_raw"], data["reward_smooth"]
+    assert len(sm) == len(raw) == 100
+    assert max(raw) - min(raw) > 0.6  # the raw swing hides the trend ...
+    assert all(b >= a - 1e-12 for a, b in zip(sm[10:], sm[11:]))  # ... the smoothed line shows it
+    assert data["base_accuracy"] == 0.647 and data["accuracy_steps"] == [0, 50, 100]
+    lo, hi = data["accuracy_ylim"]
+    assert 0.6 < lo < 0.647 and 0.668 < hi < 0.72  # zoomed to the data, not 0-1
+    flat = curve_data([{"step": 0, "eval_accuracy": 0.5}, {"step": 5, "eval_accuracy": 0.5}])
+    assert flat["accuracy_ylim"] == (0.475, 0.525)
+
+
+def test_agrpo_plot_redraws_curves(tmp_path):
+    from agrpo.cli import main
+
+    run = tmp_path / "r"
+    log = RunLog(run, resume=False)
+    log.log(0, {"eval_accuracy": 0.5})
+    log.log(1, {"reward_mean": 0.3})
+    assert main(["plot", str(run)]) == 0
+    assert _is_png(run / "curves.png")
+    assert main(["plot", str(tmp_path / "missing")]) == 2

@@ -72,7 +72,7 @@ def test_exclude_file_keeps_its_problems_out_of_training(tmp_path, monkeypatch, 
     import agrpo.recipes.sft as sft
     from agrpo.tasks import get_task
 
-    pool = get_task("sudoku").train_examples(64, seed=0)
+    pool = get_task("tiny-sudoku").train_examples(64, seed=0)
     csv = tmp_path / "test.csv"
     csv.write_text("Puzzle,Solution\n" + "".join(f"{r['puzzle']},{r['solution']}\n" for r in pool[:3]))
     made = []

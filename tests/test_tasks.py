@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from agrpo.errors import AgrpoError
-from agrpo.tasks import CountdownTask, SudokuTask, get_task, load_countdown_jsonl, load_examples, load_sudoku_csv
+from agrpo.tasks import TinyCountdownTask, TinySudokuTask, get_task, load_countdown_jsonl, load_examples, load_sudoku_csv
 from agrpo.tasks import base
-from agrpo.tasks.countdown import check_expression, solve
-from agrpo.tasks.sudoku import is_solved_grid
+from agrpo.tasks.tiny_countdown import check_expression, solve
+from agrpo.tasks.tiny_sudoku import is_solved_grid
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SUDOKU_CSV = DATA / "sudoku4x4_test.csv"
@@ -24,33 +24,33 @@ PUZZLE, SOLUTION = "0310200404001043", "4312213434211243"
 # ---- registry ----------------------------------------------------------------------------
 
 def test_get_task_by_name_and_unknown_name():
-    assert isinstance(get_task("sudoku"), SudokuTask)
-    assert isinstance(get_task("countdown"), CountdownTask)
-    with pytest.raises(AgrpoError, match="unknown task 'chess': choose one of countdown, sudoku"):
+    assert isinstance(get_task("tiny-sudoku"), TinySudokuTask)
+    assert isinstance(get_task("tiny-countdown"), TinyCountdownTask)
+    with pytest.raises(AgrpoError, match="unknown task 'chess': choose one of countdown, gsm8k, gsm8k-platinum, math, sudoku, tiny-countdown, tiny-sudoku"):
         get_task("chess")
     with pytest.raises(AgrpoError, match="bad settings"):
-        get_task("sudoku", min_value=3)
-    assert get_task("sudoku", min_empty=4, max_empty=6).max_empty == 6
+        get_task("tiny-sudoku", min_value=3)
+    assert get_task("tiny-sudoku", min_empty=4, max_empty=6).max_empty == 6
 
 
 def test_bad_counts_and_settings_are_refused():
-    task = SudokuTask()
+    task = TinySudokuTask()
     for n, seed in ((-1, 0), (2.5, 0), (3, -2), (3, True)):
         with pytest.raises(AgrpoError):
             task.train_examples(n, seed)
     with pytest.raises(AgrpoError, match="swap"):
-        SudokuTask(min_empty=9, max_empty=8)
+        TinySudokuTask(min_empty=9, max_empty=8)
     with pytest.raises(AgrpoError, match="0 to 12"):
-        SudokuTask(max_empty=13)
+        TinySudokuTask(max_empty=13)
     with pytest.raises(AgrpoError, match="empty range"):
-        CountdownTask(min_target=50, max_target=10)
+        TinyCountdownTask(min_target=50, max_target=10)
     assert task.train_examples(0, 0) == []
 
 
 # ---- sudoku ------------------------------------------------------------------------------
 
 def test_sudoku_hand_worked_scores():
-    task = SudokuTask()
+    task = TinySudokuTask()
     assert task.grade(SOLUTION, puzzle=PUZZLE, solution=SOLUTION) == 1.0
     # cells 0 and 13 wrong: 6 of 8 empty cells right
     wrong_two = "1" + SOLUTION[1:13] + "4" + SOLUTION[14:]
@@ -67,7 +67,7 @@ def test_sudoku_hand_worked_scores():
 
 
 def test_sudoku_reward_is_the_grade_per_row():
-    task = SudokuTask()
+    task = TinySudokuTask()
     other = ("1002020100030310", "1432324141232314")
     rewards = task.reward(
         [PUZZLE + "=", other[0] + "="], [SOLUTION[:8], other[1]],
@@ -103,7 +103,7 @@ def _count_solutions(puzzle: str, limit: int = 2) -> int:
 
 @pytest.fixture(scope="module")
 def sudoku_sets():
-    task = SudokuTask()
+    task = TinySudokuTask()
     train = task.train_examples(3000, seed=0) + task.train_examples(500, seed=1)
     evals = task.eval_examples(500) + task.eval_examples(200, seed=1)
     return task, train, evals
@@ -135,27 +135,27 @@ def test_sudoku_train_and_eval_are_disjoint(sudoku_sets):
 
 def test_generation_is_deterministic_and_prefix_stable(monkeypatch):
     monkeypatch.setattr(base, "_STREAMS", {})
-    first = SudokuTask().train_examples(40, seed=5)
+    first = TinySudokuTask().train_examples(40, seed=5)
     monkeypatch.setattr(base, "_STREAMS", {})
-    again = SudokuTask().train_examples(60, seed=5)
+    again = TinySudokuTask().train_examples(60, seed=5)
     assert again[:40] == first
-    assert SudokuTask().train_examples(40, seed=6) != first
+    assert TinySudokuTask().train_examples(40, seed=6) != first
     # callers get copies: editing one list does not change the next answer
     first[0]["puzzle"] = "edited"
-    assert SudokuTask().train_examples(1, seed=5)[0]["puzzle"] == again[0]["puzzle"]
+    assert TinySudokuTask().train_examples(1, seed=5)[0]["puzzle"] == again[0]["puzzle"]
 
 
 def test_held_out_rows_are_kept_out_of_generated_sets():
-    plain = SudokuTask(min_empty=6, max_empty=8).train_examples(30, seed=2)
+    plain = TinySudokuTask(min_empty=6, max_empty=8).train_examples(30, seed=2)
     held = plain[3:6]
-    task = SudokuTask(min_empty=6, max_empty=8, held_out=held)
+    task = TinySudokuTask(min_empty=6, max_empty=8, held_out=held)
     again = task.train_examples(27, seed=2)
     assert again == plain[:3] + plain[6:]
 
 
 def test_too_small_a_problem_space_is_reported():
     # no empty cell: one puzzle per solved grid (288), about a quarter of them in eval
-    task = SudokuTask(min_empty=0, max_empty=0)
+    task = TinySudokuTask(min_empty=0, max_empty=0)
     with pytest.raises(AgrpoError, match="distinct problems"):
         task.eval_examples(200)
 
@@ -165,11 +165,11 @@ def test_sudoku_csv_split():
     rows = load_sudoku_csv(SUDOKU_CSV)
     assert len(rows) == 256
     assert rows[0] == {"prompt": PUZZLE + "=", "puzzle": PUZZLE, "solution": SOLUTION}
-    task = SudokuTask()
+    task = TinySudokuTask()
     assert all(task.grade(r["solution"], **r) == 1.0 for r in rows)
     # the distribution the default min/max empty cells were chosen from
     assert collections.Counter(r["puzzle"].count("0") for r in rows) == {7: 82, 8: 83, 9: 76, 11: 12, 12: 3}
-    assert load_examples("sudoku", SUDOKU_CSV) == rows
+    assert load_examples("tiny-sudoku", SUDOKU_CSV) == rows
 
 
 @pytest.mark.parametrize("content, message", [
@@ -194,7 +194,7 @@ def test_sudoku_csv_missing_file(tmp_path):
 # ---- countdown ---------------------------------------------------------------------------
 
 def _scores(completion, numbers, target):
-    task = CountdownTask()
+    task = TinyCountdownTask()
     row = {"numbers": numbers, "target": target}
     reward = task.reward(["p"], [completion], numbers=[numbers], target=[target])[0]
     return task.grade(completion, **row), reward
@@ -241,14 +241,14 @@ def test_solver_picks_a_shortest_expression():
     assert solve([2, 3, 4], 20) == "(2+3)*4"
     assert solve([30, 100, 93], 23) == "30-100+93"
     assert solve([1, 2, 3], 100) is None
-    task = CountdownTask()
+    task = TinyCountdownTask()
     with pytest.raises(AgrpoError, match="no expression"):
         task.target({"numbers": [1, 2, 3], "target": 100})
 
 
 @pytest.fixture(scope="module")
 def countdown_sets():
-    task = CountdownTask()
+    task = TinyCountdownTask()
     return task, task.train_examples(600, seed=0), task.eval_examples(120)
 
 
@@ -277,9 +277,9 @@ def test_countdown_jsonl_split():
     rows = load_countdown_jsonl(COUNTDOWN_JSONL)
     assert len(rows) == 256
     assert rows[0] == {"prompt": "30,100,93:23=", "numbers": [30, 100, 93], "target": 23}
-    task = CountdownTask()
+    task = TinyCountdownTask()
     assert all(task.grade(task.target(r), **r) == 1.0 for r in rows)
-    assert load_examples("countdown", COUNTDOWN_JSONL) == rows
+    assert load_examples("tiny-countdown", COUNTDOWN_JSONL) == rows
 
 
 @pytest.mark.parametrize("line, message", [

@@ -31,12 +31,12 @@ from agrpo.config import config_to_dict
 from agrpo.data import decode_completions, encode_prompts
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
-from agrpo.models import frozen_copy, load_model_and_tokenizer
+from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
 from agrpo.objectives import agrpo_loss, diffu_grpo_loss, group_advantages, mean_field_logp, random_prompt_mask
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import RunLog, make_run_dir, plot_curves, save_resolved_config, write_summary
 from agrpo.sampling import SamplingConfig, generate, paper_eval_sampling
-from agrpo.tasks import get_task
+from agrpo.tasks import check_model_fits, get_task
 
 
 def _train_sampling() -> SamplingConfig:
@@ -64,14 +64,22 @@ class RLConfig:
     resume: bool = field(default=False, metadata={"help": "continue <output_dir>/<name> from its latest checkpoint"})
     # model and task
     model: str = field(default="tiny:sudoku", metadata={"help": "base model: tiny:<task>, a local directory or a hub name"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "parameter dtype"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "parameter dtype; auto: bfloat16 for LLaDA / Dream on a GPU, else float32"}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (LLaDA, Dream)"})
-    shift_logits: bool = field(default=False, metadata={"help": "the model predicts position i from i-1 (Dream)"})
+    shift_logits: bool | None = field(
+        default=None, metadata={"help": "the model predicts position i from i-1 (unset: the model family's value; Dream: true)"}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, slower)"})
     chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (r=0: off)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 4 bits (needs bitsandbytes + GPU)"})
-    task: str = field(default="sudoku", metadata={"help": "task name (sudoku, countdown)"})
-    train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
+    task: str = field(default="tiny-sudoku", metadata={"help": "task name (tiny-sudoku, tiny-countdown; gsm8k, math, countdown, sudoku)"})
+    train_data: str = field(default="", metadata={"help": "a training file in the task's public format; empty: generated (tiny tasks) or the public dataset"})
+    eval_data: str = field(default="", metadata={"help": "a test file in the task's public format (its problems also leave the training set); empty: generated or the public test split"})
+    train_pool: int = field(default=5000, metadata={"help": "training problems: generated once at start (tiny tasks) or drawn from the training rows"})
     exclude_file: str = field(default="", metadata={"help": "a file in the task's published format (e.g. the paper's test split) whose problems never enter the generated sets"})
     eval_size: int = field(default=256, metadata={"help": "held-out problems for evaluation"})
     # rollouts
@@ -179,12 +187,15 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     accelerator.wait_for_everyone()
     if run_dir is None:  # other processes: the main one created it
         run_dir = Path(cfg.output_dir) / cfg.name
-    task = get_task(cfg.task, held_out=cfg.exclude_file or None)
+    task = get_task(cfg.task, held_out=cfg.exclude_file or cfg.eval_data or None)
+    check_model_fits(task, cfg.model)
     lora = asdict(cfg.lora) if cfg.lora.r > 0 else None
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit
+        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit,
+        attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
     )
-    policy = Policy(model, shift_logits=cfg.shift_logits).to(device)
+    shift_logits = shift_logits_of(model, cfg.shift_logits)
+    policy = Policy(model, shift_logits=shift_logits).to(device)
     ref_logits_fn = None
     if cfg.beta > 0:
         if lora is not None:
@@ -194,7 +205,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
                     return unwrap(policy)(x, pos, attn)
 
         else:
-            ref_logits_fn = Policy(frozen_copy(model), shift_logits=cfg.shift_logits).to(device)
+            ref_logits_fn = Policy(frozen_copy(model), shift_logits=shift_logits).to(device)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -214,8 +225,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         log.truncate_after(start_step if start_step > 0 else -1)
         save_resolved_config(run_dir, config_to_dict(cfg))
 
-    train_pool = task.train_examples(cfg.train_pool, seed=cfg.seed)
-    eval_set = task.eval_examples(cfg.eval_size)
+    train_pool = task.train_examples(cfg.train_pool, seed=cfg.seed, path=cfg.train_data or None)
+    eval_set = task.eval_examples(cfg.eval_size, path=cfg.eval_data or None)
     my_eval = eval_set[rank::world]
 
     def run_eval() -> float:
@@ -249,7 +260,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         # 1. prompts: this process's share, each repeated group_size times
         idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
         batch = [train_pool[i] for i in idx for _ in range(cfg.group_size)]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex["prompt"] for ex in batch], cfg.chat_template, device)
+        prompts = [task.prompt(ex) for ex in batch]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
 
         # 2. rollouts
         core.eval()
@@ -260,7 +272,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
         completions = decode_completions(tokenizer, rollout.completion, core.eos_id)
         columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
-        rewards = list(task.reward([ex["prompt"] for ex in batch], completions, **columns))
+        rewards = list(task.reward(prompts, completions, **columns))
         if len(rewards) != len(completions):
             raise AgrpoError(
                 f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "

@@ -29,7 +29,7 @@ from agrpo.config import config_to_dict
 from agrpo.data import encode_prompts, encode_targets
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
-from agrpo.models import load_model_and_tokenizer
+from agrpo.models import load_model_and_tokenizer, shift_logits_of
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import RunLog, make_run_dir, save_resolved_config, write_summary
 from agrpo.sampling import SamplingConfig, paper_eval_sampling
@@ -44,7 +44,7 @@ class SFTConfig:
     name: str = field(default="sudoku-sft", metadata={"help": "run name: outputs go to <output_dir>/<name>/"})
     output_dir: str = field(default="runs", metadata={"help": "folder holding all runs"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation, data and masks"})
-    task: str = field(default="sudoku", metadata={"help": "task name (sudoku, countdown)"})
+    task: str = field(default="tiny-sudoku", metadata={"help": "task name (tiny-sudoku, tiny-countdown)"})
     model: str = field(default="scratch", metadata={"help": "'scratch' (a new tiny model) or a model to continue from"})
     hidden_size: int = field(default=64, metadata={"help": "scratch model: hidden size"})
     num_layers: int = field(default=4, metadata={"help": "scratch model: transformer layers"})
@@ -109,6 +109,8 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     run_dir = make_run_dir(cfg.output_dir, cfg.name, resume=False)
     save_resolved_config(run_dir, config_to_dict(cfg))
     task = get_task(cfg.task, held_out=cfg.exclude_file or None)
+    if not task.character_level:
+        raise AgrpoError(f"agrpo sft trains the tiny tasks (tiny-sudoku, tiny-countdown), not {cfg.task!r}: they have reference completions")
     if cfg.model == "scratch":
         tokenizer = build_tokenizer()
         model = build_tiny_model(
@@ -117,7 +119,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         )
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
-    policy = Policy(model).to(device)
+    policy = Policy(model, shift_logits=shift_logits_of(model)).to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -147,7 +149,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         # 1. a batch of (prompt, reference completion) pairs
         idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen, device=device).tolist()
         batch = [pool[i] for i in idx]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex["prompt"] for ex in batch], device=device)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [task.prompt(ex) for ex in batch], device=device)
         targets = encode_targets(tokenizer, [task.target(ex) for ex in batch], cfg.gen_length, eos).to(device)
         # 2. masked-diffusion loss -> step
         loss = masked_diffusion_loss(policy, prompt_ids, prompt_mask, targets, gen, cfg.min_mask_rate)

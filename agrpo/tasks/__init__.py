@@ -1,4 +1,14 @@
-"""Built-in tasks, by name: data, prompt format, grader and reward in one place each."""
+"""Built-in tasks, by name: data, prompt, rewards and grader in one file each.
+
+    task = agrpo.tasks.get("gsm8k")
+    rows = task.load("test", path="gsm8k_test.jsonl")   # or the public dataset, without path
+    task.prompt(rows[0])                               # [system, user] chat messages
+    task.rewards                                       # RewardTerm(name, fn, weight), TRL's convention
+    task.grade(completion, **rows[0])                  # evaluation score in [0, 1]
+
+The paper's tasks (gsm8k, gsm8k-platinum, math, countdown, sudoku) speak natural language.
+tiny-sudoku and tiny-countdown are the 16-character dialect the shipped tiny models read.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +16,25 @@ from pathlib import Path
 
 from agrpo.errors import AgrpoError
 from agrpo.tasks.base import Task
-from agrpo.tasks.countdown import CountdownTask, load_countdown_jsonl
-from agrpo.tasks.sudoku import SudokuTask, load_sudoku_csv
+from agrpo.tasks.competition_math import MathTask
+from agrpo.tasks.countdown import CountdownTask
+from agrpo.tasks.gsm8k import GSM8KPlatinumTask, GSM8KTask
+from agrpo.tasks.reasoning import ReasoningTask, RewardTerm
+from agrpo.tasks.sudoku import SudokuTask
+from agrpo.tasks.tiny_countdown import TinyCountdownTask, load_countdown_jsonl
+from agrpo.tasks.tiny_sudoku import TinySudokuTask, load_sudoku_csv
 
-TASKS: dict[str, type[Task]] = {SudokuTask.name: SudokuTask, CountdownTask.name: CountdownTask}
-DEFAULT_TASK = SudokuTask.name
+TASKS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        GSM8KTask, GSM8KPlatinumTask, MathTask, CountdownTask, SudokuTask, TinySudokuTask, TinyCountdownTask,
+    )
+}
+DEFAULT_TASK = TinySudokuTask.name
 
 
-def get_task(name: str, **kwargs) -> Task:
-    """A task by name; `kwargs` go to its constructor (e.g. min_empty for sudoku)."""
+def get_task(name: str, **kwargs):
+    """A task by name; `kwargs` go to its constructor (e.g. held_out, or min_empty for tiny-sudoku)."""
     if name not in TASKS:
         raise AgrpoError(f"unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}")
     try:
@@ -23,12 +43,25 @@ def get_task(name: str, **kwargs) -> Task:
         raise AgrpoError(f"bad settings for task {name!r} ({e}): see {TASKS[name].__name__}'s arguments") from None
 
 
+get = get_task
+
+
 def load_examples(name: str, path: str | Path) -> list[dict]:
-    """Rows of a task's published file format (Sudoku CSV, Countdown JSON lines)."""
-    return get_task(name).load(path)
+    """Test rows of a task read from a file in its public format."""
+    return get_task(name).load("test", path)
+
+
+def check_model_fits(task, model: str) -> None:
+    """The shipped tiny models read only the tiny tasks' dialect: say so before loading."""
+    if str(model).startswith("tiny:") and not task.character_level:
+        raise AgrpoError(
+            f"the shipped tiny models cannot read task {task.name!r} (natural language): use task=tiny-sudoku or "
+            "task=tiny-countdown, or a natural-language model such as GSAI-ML/LLaDA-8B-Instruct"
+        )
 
 
 __all__ = [
-    "DEFAULT_TASK", "TASKS", "CountdownTask", "SudokuTask", "Task", "get_task", "load_countdown_jsonl",
-    "load_examples", "load_sudoku_csv",
+    "DEFAULT_TASK", "TASKS", "CountdownTask", "GSM8KPlatinumTask", "GSM8KTask", "MathTask", "ReasoningTask",
+    "RewardTerm", "SudokuTask", "Task", "TinyCountdownTask", "TinySudokuTask", "check_model_fits", "get",
+    "get_task", "load_countdown_jsonl", "load_examples", "load_sudoku_csv",
 ]

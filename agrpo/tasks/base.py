@@ -1,4 +1,4 @@
-"""What every task provides, and the seeded generation shared by all of them.
+"""What every tiny (character-level) task provides, and the seeded generation they share.
 
 A task owns its data, prompt format, grader and reward. The RL reward is built from the
 same scoring code as the evaluation grader, so "correct" means one thing everywhere.
@@ -25,6 +25,8 @@ EVAL_SHARE = 4
 # a stream that yields this many draws in a row without a new problem of its split is taken
 # to be exhausted (settings that allow only a handful of distinct problems)
 MAX_FRUITLESS_DRAWS = 1000
+# what `load` generates when no file is given (the sizes of the recipes' defaults)
+LOAD_TRAIN_ROWS, LOAD_TEST_ROWS = 5000, 256
 
 Source = Callable[[int], "dict | None"]
 
@@ -78,13 +80,18 @@ class Task:
     """
 
     name: str = ""
+    # what the split hash and the generator seeds are keyed on: the name the task had when
+    # the shipped checkpoints were trained, so a rename keeps their train/eval split
+    stream_name: str = ""
     completion_chars: int = 0
+    # the 16-character dialect of the shipped tiny models, not natural language
+    character_level = True
 
     def __init__(self, held_out: Iterable[dict] | str | Path | None = None):
         # problems of a published test split may also come out of the generator; naming
         # that split here keeps them out of both generated sets
         if isinstance(held_out, (str, Path)):
-            held_out = self.load(held_out)
+            held_out = self._read(held_out)
         self._held_out = frozenset(self.key(row) for row in held_out or ())
 
     @property
@@ -114,22 +121,42 @@ class Task:
         """A reference completion (what supervised training imitates)."""
         raise NotImplementedError
 
-    def load(self, path: str | Path) -> list[dict]:
+    def _read(self, path: str | Path) -> list[dict]:
         """Rows read from a file in the task's published format."""
         raise AgrpoError(f"task {self.name!r} has no file format: generate its data instead")
 
     # ---- shared behaviour ---------------------------------------------------------------
 
+    def load(self, split: str, path: str | Path | None = None) -> list[dict]:
+        """Rows of `split` ("train" or "test"): the file at `path` if given, else the
+        generated set (LOAD_TRAIN_ROWS training problems, LOAD_TEST_ROWS held-out ones)."""
+        if split not in ("train", "test"):
+            raise AgrpoError(f"unknown split {split!r} for task {self.name!r}: choose train or test")
+        if path:
+            rows = self._read(path)
+            return [r for r in rows if self.key(r) not in self._held_out] if split == "train" else rows
+        return self.train_examples(LOAD_TRAIN_ROWS, 0) if split == "train" else self.eval_examples(LOAD_TEST_ROWS)
+
+    def prompt(self, row: dict) -> str:
+        """The prompt text of a row (the tiny tasks' 16-character dialect, no chat template)."""
+        return row["prompt"]
+
     def split_of(self, row: dict) -> str:
         """'eval' or 'train': the split a problem may appear in (fixed by its key)."""
-        return "eval" if _hash64(f"{self.name}|{self.key(row)}") % EVAL_SHARE == 0 else "train"
+        return "eval" if _hash64(f"{self.stream_name}|{self.key(row)}") % EVAL_SHARE == 0 else "train"
 
-    def train_examples(self, n: int, seed: int) -> list[dict]:
-        """`n` distinct generated problems; the same (n, seed) always gives the same list."""
+    def train_examples(self, n: int, seed: int, path: str | Path | None = None) -> list[dict]:
+        """`n` distinct generated problems; the same (n, seed) always gives the same list.
+        With `path`, the first `n` rows of that file instead."""
+        if path:
+            return self.load("train", path)[: _check_count(n, "n")]
         return self._examples("train", n, seed)
 
-    def eval_examples(self, n: int, seed: int = 0) -> list[dict]:
-        """`n` distinct held-out problems, disjoint from every `train_examples` output."""
+    def eval_examples(self, n: int, seed: int = 0, path: str | Path | None = None) -> list[dict]:
+        """`n` distinct held-out problems, disjoint from every `train_examples` output.
+        With `path`, the first `n` rows of that file instead."""
+        if path:
+            return self.load("test", path)[: _check_count(n, "n")]
         return self._examples("eval", n, seed)
 
     def reward(self, prompts: list[str], completions: list[str], **columns) -> list[float | None]:
@@ -154,7 +181,7 @@ class Task:
         cache_key = (type(self).__qualname__, self.name, self._settings(), self._held_out, split, seed)
         stream = _STREAMS.get(cache_key)
         if stream is None:
-            stream_seed = _hash64(f"{self.name}|{split}|{seed}")
+            stream_seed = _hash64(f"{self.stream_name}|{split}|{seed}")
             stream = _Stream(
                 self._source(stream_seed),
                 keep=lambda row: self.split_of(row) == split and self.key(row) not in self._held_out,

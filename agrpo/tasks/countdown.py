@@ -1,326 +1,175 @@
-"""Countdown: combine the given numbers with + - * / and parentheses to hit a target.
+"""countdown: reach a target by combining the given numbers with + - * / and parentheses.
 
-Prompt: "a,b,c:target=" ("30,100,93:23="). Completion: an expression that uses each given
-number exactly once ("100-93+30" would be 37). Spaces are ignored; there is no unary minus
-and numbers are written without leading zeros, as in the prompt.
+Data: train `Jiayi-Pan/Countdown-Tasks-3to4`, its first 20,000 rows with three numbers (as
+the official code), minus the test problems; test: a file only (the paper's
+`countdown_cd3_test.jsonl`). A file: JSON lines of {"input": "a,b,c", "output": "target"} or
+{"nums": [a, b, c], "target": t}. Rows: {"nums": [a, b, c], "target": t}.
 
-Expressions are parsed by a small recursive-descent parser (never `eval`) and computed with
-exact fractions, so 3/(1/5) equals 15 and a division by zero makes the expression invalid.
+Prompt: the system prompt asks for `expression = target` inside `<answer>`; the user
+message is "Target: t\\nNumbers: [a, b, c]".
 
-grade: 1.0 if the expression is valid, uses exactly the given numbers and equals the target,
-else 0.0. reward: the same 1.0, 0.1 for a valid expression over exactly the given numbers
-that misses the target (it learned the format), 0.0 otherwise.
+Answer: the `<answer>` block, with a `\\boxed{}` unwrapped; the expression is what comes
+before the first "=" (`expr`, `expr = target`, `\\boxed{expr}` and `\\boxed{expr} = target`
+all work; `\\times`, `\\cdot`, `\\div`, `×`, `÷` and `−` read as operators). It is checked by the
+tiny task's parser (no `eval`), with exact fractions, and must use each given number exactly
+once: the numbers are compared before anything is computed, so garbage is never multiplied
+out.
 
-Problems come from reasoning_gym's `countdown` generator, whose mix (mostly + and -, some
-* and /) matches the published three-number test split (85% vs 87% of problems solvable
-with + and - alone). It builds each problem with sympy, so a kept problem costs ~3 ms: the
-20,000-problem training pool takes about a minute on one core the first time; later requests
-in the same process reuse it.
+Rewards (AGRPO.md §4): format, weight 1.0, from -0.5 to 1.0 (+1/3 the right side of the
+last "=" is the target, +1/3 the left side holds only digits, + - * / ( ) and spaces, +1/3
+its numbers are exactly the given ones, -0.5 for more than one "="); correct, weight 3.0.
+grade: 1.0 if correct, else 0.0.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
+import re
 from fractions import Fraction
-from pathlib import Path
 
 from agrpo.errors import AgrpoError
-from agrpo.tasks.base import Task
+from agrpo.tasks.reasoning import (
+    ReasoningTask,
+    RewardTerm,
+    answer_region,
+    column,
+    hub_records,
+    read_jsonl,
+    row_field,
+    unwrap_boxed,
+)
+from agrpo.tasks.tiny_countdown import check_expression
 
-# an expression over three numbers up to 100 is at most 13 characters (three 3-digit
-# numbers, two operators, one pair of parentheses); 16 leaves room to spare
-COMPLETION_CHARS = 16
-# the published test split: three numbers from 1 to 100, targets from 1 to 100
-MIN_VALUE, MAX_VALUE, MIN_TARGET, MAX_TARGET = 1, 100, 1, 100
-# bounds the parser's work on arbitrary model output
-MAX_EXPRESSION_CHARS = 256
-MAX_DEPTH = 32
-VALID_REWARD = 0.1
+HUB_NAME = "Jiayi-Pan/Countdown-Tasks-3to4"
+HUB_ROWS = 20000
+NUMBERS = 3
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-_ATOM = 3
-
-
-class _Invalid(Exception):
-    pass
-
-
-class _Parser:
-    """expr := term (('+'|'-') term)*; term := factor (('*'|'/') factor)*; factor := number | '(' expr ')'.
-
-    Builds a tree of ints (leaves) and (op, left, right) tuples.
-    """
-
-    def __init__(self, text: str):
-        self.tokens = self._tokenize(text)
-        self.pos = 0
-
-    @staticmethod
-    def _tokenize(text: str) -> list:
-        tokens, i = [], 0
-        while i < len(text):
-            ch = text[i]
-            if ch == " ":
-                i += 1
-            elif ch in "+-*/()":
-                tokens.append(ch)
-                i += 1
-            elif "0" <= ch <= "9":
-                j = i
-                while j < len(text) and "0" <= text[j] <= "9":
-                    j += 1
-                if text[i] == "0" and j - i > 1:
-                    raise _Invalid
-                tokens.append(int(text[i:j]))
-                i = j
-            else:
-                raise _Invalid
-        return tokens
-
-    def _peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def parse(self):
-        tree = self._expr(0)
-        if self.pos != len(self.tokens):
-            raise _Invalid
-        return tree
-
-    def _expr(self, depth: int):
-        tree = self._term(depth)
-        while self._peek() in ("+", "-"):
-            op = self.tokens[self.pos]
-            self.pos += 1
-            tree = (op, tree, self._term(depth))
-        return tree
-
-    def _term(self, depth: int):
-        tree = self._factor(depth)
-        while self._peek() in ("*", "/"):
-            op = self.tokens[self.pos]
-            self.pos += 1
-            tree = (op, tree, self._factor(depth))
-        return tree
-
-    def _factor(self, depth: int):
-        tok = self._peek()
-        self.pos += 1
-        if isinstance(tok, int):
-            return tok
-        if tok == "(" and depth < MAX_DEPTH:
-            tree = self._expr(depth + 1)
-            if self._peek() != ")":
-                raise _Invalid
-            self.pos += 1
-            return tree
-        raise _Invalid
+_OPERATORS = {
+    "\\times": "*", "\\cdot": "*", "\\div": "/", "×": "*", "·": "*", "∗": "*", "÷": "/", "−": "-", "–": "-",
+    "\\left(": "(", "\\right)": ")", "\\left": "", "\\right": "",
+}
+_OPERATOR = re.compile("|".join(re.escape(k) for k in sorted(_OPERATORS, key=len, reverse=True)))
+_FORMAT_LHS = re.compile(r"[\d\s+\-*/()]+")
 
 
-def _leaves(tree) -> list[int]:
-    if isinstance(tree, int):
-        return [tree]
-    return _leaves(tree[1]) + _leaves(tree[2])
+def _normalise(text: str) -> str:
+    return " ".join(_OPERATOR.sub(lambda m: _OPERATORS[m.group(0)], text).split())
 
 
-def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if b == 0:
-        raise _Invalid
-    return a / b
+def _canonical(digits: str) -> str:
+    # numbers compared as text: int() of a 5,000-digit string raises in Python >= 3.11
+    return digits.lstrip("0") or "0"
 
 
-def _value(tree) -> Fraction:
-    if isinstance(tree, int):
-        return Fraction(tree)
-    return _apply(tree[0], _value(tree[1]), _value(tree[2]))
+def countdown_answer(completion) -> str | None:
+    """The answer block with its `\\boxed{}` unwrapped, or None without one."""
+    region = answer_region(completion)
+    return None if region is None else unwrap_boxed(region).strip()
 
 
-def check_expression(completion, numbers) -> tuple[bool, Fraction | None]:
-    """(uses exactly `numbers` and is a valid expression, its value or None).
+def countdown_correct_answer(completion, nums, target) -> bool:
+    """The one check of this task: the expression uses `nums` once each and equals `target`."""
+    answer = countdown_answer(completion)
+    if not answer:
+        return False
+    expression = _normalise(answer.split("=", 1)[0])
+    valid, value = check_expression(expression, nums)
+    return valid and value == Fraction(int(target))
 
-    Never raises: anything that is not such an expression gives (False, None).
-    """
-    if not isinstance(completion, str) or len(completion) > MAX_EXPRESSION_CHARS:
-        return False, None
+
+def countdown_format_score(completion, nums, target) -> float:
+    answer = countdown_answer(completion)
+    if not answer or "=" not in answer:
+        return 0.0
+    parts = answer.split("=")
+    lhs, rhs = parts[0].strip(), parts[-1].strip()
+    score = -0.5 if len(parts) > 2 else 0.0
+    if re.fullmatch(r"\d+", rhs) and _canonical(rhs) == str(int(target)):
+        score += 1 / 3
+    if _FORMAT_LHS.fullmatch(lhs):
+        score += 1 / 3
+    if sorted(_canonical(d) for d in re.findall(r"\d+", lhs)) == sorted(str(int(n)) for n in nums):
+        score += 1 / 3
+    return score
+
+
+def countdown_format(prompts, completions, **columns) -> list[float]:
+    """From -0.5 to 1.0: how well the answer follows `expression = target` (see the module)."""
+    nums, target = column(columns, "nums", len(completions)), column(columns, "target", len(completions))
+    return [countdown_format_score(c, n, t) for c, n, t in zip(completions, nums, target)]
+
+
+def countdown_correct(prompts, completions, **columns) -> list[float]:
+    """1.0 if the expression uses every number once and equals the target, else 0.0."""
+    nums, target = column(columns, "nums", len(completions)), column(columns, "target", len(completions))
+    return [float(countdown_correct_answer(c, n, t)) for c, n, t in zip(completions, nums, target)]
+
+
+SYSTEM_PROMPT = """You will be given a target number and a list of numbers. Write an arithmetic expression that uses every listed number exactly once, with +, -, * and / and any parentheses you need, whose value is the target.
+Try combinations one at a time inside <think> </think> tags, checking each result. Then write the expression, an equals sign and the target inside <answer> </answer> tags:
+<think>
+reasoning
+</think>
+<answer>
+expression = target
+</answer>
+For example, with target 30 and numbers [4, 9, 6], a correct answer is
+<answer>
+9 * 4 - 6 = 30
+</answer>"""
+
+
+def _row(obj: dict, where: str) -> dict:
+    if "input" in obj and "output" in obj:
+        nums, target = str(obj["input"]).split(","), obj["output"]
+    elif isinstance(obj.get("nums"), list) and "target" in obj:
+        nums, target = obj["nums"], obj["target"]
+    else:
+        raise AgrpoError(f'{where}: each row needs "input" and "output", or "nums" (a list) and "target"')
     try:
-        tree = _Parser(completion).parse()
-        # compared before computing, so arbitrary numbers in garbage are never multiplied out
-        if sorted(_leaves(tree)) != sorted(int(n) for n in numbers):
-            return False, None
-        return True, _value(tree)
-    except (_Invalid, TypeError, ValueError):
-        return False, None
+        nums, target = [int(str(v).strip()) for v in nums], int(str(target).strip())
+    except ValueError:
+        raise AgrpoError(f"{where}: the numbers and the target must be integers, got {obj}") from None
+    if len(nums) < 2 or min(nums) < 0:
+        raise AgrpoError(f"{where}: at least two non-negative numbers are needed, got {nums}")
+    return {"nums": nums, "target": target}
 
 
-def score_countdown(completion, numbers, target) -> tuple[float, float]:
-    """(grade, reward) of one completion."""
-    valid, value = check_expression(completion, numbers)
-    if not valid:
-        return 0.0, 0.0
-    if value == Fraction(int(target)):
-        return 1.0, 1.0
-    return 0.0, VALID_REWARD
-
-
-def _format(op: str, left: tuple[str, int], right: tuple[str, int]) -> tuple[str, int]:
-    """Join two (text, precedence) parts with the fewest parentheses that keep the value."""
-    prec = _PRECEDENCE[op]
-    ltext = left[0] if left[1] >= prec else f"({left[0]})"
-    # a+(b-c) = a+b-c and a*(b/c) = a*b/c exactly, so equal precedence only needs brackets
-    # after - and /
-    needs = right[1] < prec or (right[1] == prec and op in "-/")
-    rtext = f"({right[0]})" if needs else right[0]
-    return ltext + op + rtext, prec
-
-
-def _trees(values: tuple[int, ...]):
-    """(value, text, precedence) of every expression over `values` in this order."""
-    if len(values) == 1:
-        yield Fraction(values[0]), str(values[0]), _ATOM
-        return
-    for cut in range(1, len(values)):
-        for lv, lt, lp in _trees(values[:cut]):
-            for rv, rt, rp in _trees(values[cut:]):
-                for op in "+-*/":
-                    if op == "/" and rv == 0:
-                        continue
-                    text, prec = _format(op, (lt, lp), (rt, rp))
-                    yield _apply(op, lv, rv), text, prec
-
-
-def solve(numbers, target) -> str | None:
-    """The shortest expression (first found among equals) over `numbers` equal to `target`, or None."""
-    goal = Fraction(int(target))
-    best = None
-    for order in dict.fromkeys(itertools.permutations(int(n) for n in numbers)):
-        for value, text, _ in _trees(order):
-            if value == goal and (best is None or len(text) < len(best)):
-                best = text
-    return best
-
-
-def make_row(numbers, target: int) -> dict:
-    numbers = [int(n) for n in numbers]
-    return {"prompt": f"{','.join(map(str, numbers))}:{int(target)}=", "numbers": numbers, "target": int(target)}
-
-
-class CountdownTask(Task):
-    """Three numbers from [min_value, max_value] and a target from [min_target, max_target]."""
-
+class CountdownTask(ReasoningTask):
     name = "countdown"
-    completion_chars = COMPLETION_CHARS
-
-    def __init__(self, min_value: int = MIN_VALUE, max_value: int = MAX_VALUE, min_target: int = MIN_TARGET,
-                 max_target: int = MAX_TARGET, held_out=None):
-        for label, value in (("min_value", min_value), ("max_value", max_value),
-                             ("min_target", min_target), ("max_target", max_target)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AgrpoError(f"{label} must be a positive integer, got {value!r}")
-        if min_value > max_value or min_target > max_target:
-            raise AgrpoError(
-                f"empty range: values {min_value}..{max_value}, targets {min_target}..{max_target}: "
-                "each minimum must be at most its maximum"
-            )
-        self.min_value, self.max_value = min_value, max_value
-        self.min_target, self.max_target = min_target, max_target
-        super().__init__(held_out)
+    system_prompt = SYSTEM_PROMPT
+    rewards = (
+        RewardTerm("countdown_format", countdown_format, 1.0),
+        RewardTerm("countdown_correct", countdown_correct, 3.0),
+    )
 
     def key(self, row: dict) -> str:
         # the order the numbers are listed in does not make a different problem
-        return f"{sorted(int(n) for n in row['numbers'])}:{int(row['target'])}"
+        return f"{sorted(int(n) for n in row['nums'])}:{int(row['target'])}"
 
-    def _settings(self) -> tuple:
-        return (self.min_value, self.max_value, self.min_target, self.max_target)
+    def user_message(self, row: dict) -> str:
+        return f"Target: {row['target']}\nNumbers: {list(row['nums'])}"
 
-    def _source(self, stream_seed: int):
-        # imported here: reasoning_gym loads all its generators (and sympy) on import
-        from reasoning_gym.games.countdown import CountdownConfig, CountdownDataset
+    def grade(self, completion, **row) -> float:
+        nums, target = row_field(row, "nums", self.name), row_field(row, "target", self.name)
+        return float(countdown_correct_answer(completion, nums, target))
 
-        data = CountdownDataset(CountdownConfig(
-            min_numbers=3, max_numbers=3, min_value=self.min_value, max_value=self.max_value,
-            min_target=self.min_target, max_target=self.max_target, seed=stream_seed, size=1,
-        ))
+    def _read(self, path) -> list[dict]:
+        rows = read_jsonl(path, "Countdown", '{"input": "30,100,93", "output": "23"}')
+        return [_row(obj, where) for where, obj in rows]
 
-        def draw(index: int) -> dict | None:
-            try:
-                meta = data[index]["metadata"]
-            except (ValueError, ZeroDivisionError, TypeError):  # no expression within the target range
-                return None
-            row = make_row(meta["numbers"], meta["target"])
-            # reasoning_gym's own answer is sympy's rendering (spaces, sometimes a leading
-            # unary minus), so the reference comes from our solver; it must fit the budget
-            solution = solve(row["numbers"], row["target"])
-            if solution is None or len(solution) > self.completion_chars:
-                return None
-            return row
+    def _hub(self, split: str) -> list[dict]:
+        if split == "test":
+            raise AgrpoError(
+                "the Countdown test split is not on the hub: "
+                "pass path= a JSON-lines file such as countdown_cd3_test.jsonl"
+            )
+        records = hub_records(HUB_NAME, "train")[:HUB_ROWS]
+        return [_row(r, HUB_NAME) for r in records if len(r.get("nums") or ()) == NUMBERS]
 
-        return draw
-
-    def grade(self, completion: str, **row) -> float:
-        return score_countdown(completion, _column(row, "numbers"), _column(row, "target"))[0]
-
-    def reward(self, prompts: list[str], completions: list[str], **columns) -> list[float | None]:
-        rows = self._rows(prompts, completions, columns)
-        return [score_countdown(c, _column(r, "numbers"), _column(r, "target"))[1] for c, r in zip(completions, rows)]
-
-    def target(self, row: dict) -> str:
-        solution = solve(_column(row, "numbers"), _column(row, "target"))
-        if solution is None:
-            raise AgrpoError(f"no expression over {row['numbers']} reaches {row['target']}: drop this problem")
-        return solution
-
-    def load(self, path) -> list[dict]:
-        return load_countdown_jsonl(path)
-
-
-def _column(row: dict, name: str):
-    if name not in row:
-        raise AgrpoError(
-            f"countdown rows need a {name!r} column, got columns {sorted(row)}: use rows made by the task or its loader"
-        )
-    return row[name]
-
-
-def load_countdown_jsonl(path) -> list[dict]:
-    """Rows of a JSON-lines file of {"input": "a,b,c", "output": "target"} objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise AgrpoError(
-            f"no Countdown file at {path}: pass the path of a JSON-lines file of "
-            '{"input": "a,b,c", "output": "target"} objects'
-        )
-    rows = []
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise AgrpoError(
-                    f"{where}: not valid JSON: each line must be one object like "
-                    '{"input": "30,100,93", "output": "23"}'
-                ) from None
-            if not isinstance(obj, dict) or "input" not in obj or "output" not in obj:
-                raise AgrpoError(f"{where}: each line needs \"input\" and \"output\" keys")
-            try:
-                numbers = [int(str(v).strip()) for v in str(obj["input"]).split(",")]
-                target = int(str(obj["output"]).strip())
-            except ValueError:
-                raise AgrpoError(
-                    f"{where}: input must be comma-separated integers and output an integer, "
-                    f"got {obj['input']!r}, {obj['output']!r}"
-                ) from None
-            if len(numbers) < 2 or min(numbers) < 0:
-                raise AgrpoError(f"{where}: input needs at least two non-negative numbers, got {obj['input']!r}")
-            rows.append(make_row(numbers, target))
-    if not rows:
-        raise AgrpoError(f"{path} holds no problems: add one JSON object a line")
-    return rows
+    def _hub_test_keys(self) -> frozenset:
+        if not self.excluded:
+            raise AgrpoError(
+                "countdown's hub training rows must leave out the test problems: "
+                "pass held_out= the test file (the RL recipe passes eval_data)"
+            )
+        return frozenset()

@@ -1,156 +1,183 @@
-"""4x4 Sudoku: fill the empty cells of a puzzle with a unique solution.
+"""sudoku: fill a 4x4 Sudoku, written as 16 digits row by row with 0 for an empty cell.
 
-Prompt: the 16 puzzle digits, row-major, '0' for an empty cell, then '='
-("0310200404001043="). Completion: the 16 solution digits ("4312213434211243").
+Data: train from a file, or (without one) 20,000 puzzles generated with reasoning-gym by the
+tiny task's generator, minus the test puzzles; test: a file only (the paper's
+`sudoku4x4_test.csv`). A file: CSV with columns Puzzle,Solution. Rows: {"puzzle", "solution"}.
 
-Score (reward and grade alike): the fraction of the puzzle's empty cells whose digit in the
-completion is right. The completion is read by position, so a short completion or a
-non-digit leaves those cells wrong; the given cells are not scored.
+Prompt: the system prompt explains the grid and works three examples of its own; the user
+message is "Puzzle: <16 digits>".
 
-Puzzles come from reasoning_gym's `mini_sudoku` generator (each has a unique solution):
-about 0.4 ms a kept puzzle, so the 20,000-problem training pool takes ~8 s on one core.
+Answer: the `<answer>` block (a `\\boxed{}` unwrapped) with spaces, line breaks, commas and
+bars removed, read cell by cell; a short answer leaves the missing cells wrong (the
+official code left-pads it to 16, shifting every digit).
+
+Rewards (AGRPO.md §4): format, weight 1.0, up to 1.0 (0.25 for 16 digits, then +0.25 if
+each of 1-4 appears four times, +0.5 if every given cell is kept); correct, weight 3.0, the
+fraction of empty cells right. grade: that fraction (pool it over empty cells, as d1 does, by
+weighting each puzzle by its number of empty cells).
 """
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
+import re
 
 from agrpo.errors import AgrpoError
-from agrpo.tasks.base import Task
+from agrpo.tasks.reasoning import ReasoningTask, RewardTerm, answer_region, column, row_field, unbox
+from agrpo.tasks.tiny_sudoku import TinySudokuTask, load_sudoku_csv, score_sudoku
 
-CELLS = 16
-DIGITS = "1234"
-# The published 4x4 test split (256 puzzles) has 7 to 12 empty cells:
-# 7: 82, 8: 83, 9: 76, 10: 0, 11: 12, 12: 3. The default range covers all of it.
-MIN_EMPTY, MAX_EMPTY = 7, 12
-# a 4x4 puzzle with more than 12 empty cells never has a unique solution
-MOST_EMPTY = 12
+GENERATED_TRAIN_ROWS = 20000
+_SEPARATORS = re.compile(r"[\s,|]+")
 
 
-def _units():
-    rows = [[4 * r + c for c in range(4)] for r in range(4)]
-    cols = [[4 * r + c for r in range(4)] for c in range(4)]
-    boxes = [[4 * (br + r) + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)]
-    return rows + cols + boxes
+def sudoku_grid(completion) -> str | None:
+    """The answer block as a string of cells, or None without one."""
+    region = answer_region(completion)
+    return None if region is None else _SEPARATORS.sub("", unbox(region))
 
 
-UNITS = _units()
+def sudoku_score(completion, puzzle: str, solution: str) -> float:
+    """The one check of this task: the fraction of `puzzle`'s empty cells filled right."""
+    grid = sudoku_grid(completion)
+    return score_sudoku(grid or "", puzzle, solution)
 
 
-def is_solved_grid(grid: str) -> bool:
-    """True if `grid` is 16 digits 1-4 with every row, column and 2x2 box a permutation."""
-    return (
-        len(grid) == CELLS
-        and all(ch in DIGITS for ch in grid)
-        and all(len({grid[i] for i in unit}) == 4 for unit in UNITS)
-    )
-
-
-def score_sudoku(completion, puzzle: str, solution: str) -> float:
-    """Fraction of the empty cells of `puzzle` that `completion` fills with the solution's digit."""
-    empty = [i for i, ch in enumerate(puzzle) if ch == "0"]
-    if not empty:
-        return 1.0
-    if not isinstance(completion, str):
+def sudoku_format_score(completion, puzzle: str) -> float:
+    grid = sudoku_grid(completion)
+    if grid is None or not re.fullmatch(r"[0-9]{16}", grid):
         return 0.0
-    right = sum(1 for i in empty if i < len(completion) and completion[i] == solution[i])
-    return right / len(empty)
+    score = 0.25
+    if "".join(sorted(grid)) == "1111222233334444":
+        score += 0.25
+    if all(p == "0" or p == g for p, g in zip(puzzle, grid)):
+        score += 0.5
+    return score
 
 
-def make_row(puzzle: str, solution: str) -> dict:
-    return {"prompt": puzzle + "=", "puzzle": puzzle, "solution": solution}
+def sudoku_format(prompts, completions, **columns) -> list[float]:
+    """Up to 1.0: 16 digits, four of each digit, the given cells kept (see the module)."""
+    puzzles = column(columns, "puzzle", len(completions))
+    return [sudoku_format_score(c, p) for c, p in zip(completions, puzzles)]
 
 
-class SudokuTask(Task):
-    """4x4 Sudoku with between `min_empty` and `max_empty` empty cells."""
+def sudoku_correct(prompts, completions, **columns) -> list[float]:
+    """The fraction of the empty cells filled with the solution's digit."""
+    puzzles, solutions = column(columns, "puzzle", len(completions)), column(columns, "solution", len(completions))
+    return [sudoku_score(c, p, s) for c, p, s in zip(completions, puzzles, solutions)]
 
+
+# three puzzles of our own (from the generator's training side, none in the paper's test
+# split), each solved by cells that have a single possible digit
+SYSTEM_PROMPT = """You will be given a 4x4 Sudoku puzzle as a string of 16 digits, read left to right and top to bottom, where 0 marks an empty cell.
+Fill every empty cell with a digit from 1 to 4 so that each row, each column and each of the four 2x2 boxes holds 1, 2, 3 and 4 once.
+Solve it step by step inside <think> </think> tags. Then write the completed grid inside <answer> </answer> tags as 16 digits with no spaces:
+<think>
+reasoning
+</think>
+<answer>
+16 digits
+</answer>
+
+Puzzle: 0024401303022000
+<think>
+Rows:
+R1: 0 0 2 4
+R2: 4 0 1 3
+R3: 0 3 0 2
+R4: 2 0 0 0
+R1C2: row 1 has 2 and 4, column 2 has 3, the top-left box has 4, so it is 1.
+R2C2: row 2 has 4, 1 and 3, so it is 2.
+R3C1: column 1 has 4 and 2, row 3 has 3, so it is 1.
+R3C3: row 3 now has 1, 3 and 2, so it is 4.
+R4C2: column 2 has 1, 2 and 3, so it is 4.
+R4C3: column 3 has 2, 1 and 4, so it is 3.
+R4C4: row 4 now has 2, 4 and 3, so it is 1.
+R1C1: row 1 now has 1, 2 and 4, so it is 3.
+Grid:
+R1: 3 1 2 4
+R2: 4 2 1 3
+R3: 1 3 4 2
+R4: 2 4 3 1
+</think>
+<answer>
+3124421313422431
+</answer>
+
+Puzzle: 3412210010004030
+<think>
+Rows:
+R1: 3 4 1 2
+R2: 2 1 0 0
+R3: 1 0 0 0
+R4: 4 0 3 0
+R2C3: column 3 has 1 and 3, row 2 has 2, so it is 4.
+R2C4: row 2 now has 2, 1 and 4, so it is 3.
+R3C3: column 3 now has 1, 4 and 3, so it is 2.
+R3C4: column 4 has 2 and 3, row 3 has 1, so it is 4.
+R4C2: row 4 has 4 and 3, column 2 has 4 and 1, so it is 2.
+R4C4: row 4 now has 4, 2 and 3, so it is 1.
+R3C2: row 3 now has 1, 2 and 4, so it is 3.
+Grid:
+R1: 3 4 1 2
+R2: 2 1 4 3
+R3: 1 3 2 4
+R4: 4 2 3 1
+</think>
+<answer>
+3412214313244231
+</answer>
+
+Puzzle: 3002023024100004
+<think>
+Rows:
+R1: 3 0 0 2
+R2: 0 2 3 0
+R3: 2 4 1 0
+R4: 0 0 0 4
+R1C2: column 2 has 2 and 4, row 1 has 3, so it is 1.
+R1C3: row 1 now has 3, 1 and 2, so it is 4.
+R2C1: column 1 has 3 and 2, row 2 has 2 and 3, the top-left box has 1, so it is 4.
+R2C4: row 2 now has 4, 2 and 3, so it is 1.
+R3C4: row 3 has 2, 4 and 1, so it is 3.
+R4C1: column 1 now has 3, 4 and 2, so it is 1.
+R4C2: column 2 now has 1, 2 and 4, so it is 3.
+R4C3: row 4 now has 1, 3 and 4, so it is 2.
+Grid:
+R1: 3 1 4 2
+R2: 4 2 3 1
+R3: 2 4 1 3
+R4: 1 3 2 4
+</think>
+<answer>
+3142423124131324
+</answer>"""
+
+
+class SudokuTask(ReasoningTask):
     name = "sudoku"
-    completion_chars = CELLS
-
-    def __init__(self, min_empty: int = MIN_EMPTY, max_empty: int = MAX_EMPTY, held_out=None):
-        for label, value in (("min_empty", min_empty), ("max_empty", max_empty)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MOST_EMPTY:
-                raise AgrpoError(f"{label} must be an integer from 0 to {MOST_EMPTY}, got {value!r}")
-        if min_empty > max_empty:
-            raise AgrpoError(f"min_empty={min_empty} is larger than max_empty={max_empty}: swap them")
-        self.min_empty, self.max_empty = min_empty, max_empty
-        super().__init__(held_out)
+    system_prompt = SYSTEM_PROMPT
+    rewards = (
+        RewardTerm("sudoku_format", sudoku_format, 1.0),
+        RewardTerm("sudoku_correct", sudoku_correct, 3.0),
+    )
 
     def key(self, row: dict) -> str:
         return row["puzzle"]
 
-    def _settings(self) -> tuple:
-        return (self.min_empty, self.max_empty)
+    def user_message(self, row: dict) -> str:
+        return f"Puzzle: {row['puzzle']}"
 
-    def _source(self, stream_seed: int):
-        # imported here: reasoning_gym loads all its generators on import (~1 s), which
-        # commands that never generate Sudoku should not pay
-        from reasoning_gym.games.mini_sudoku import MiniSudokuConfig, MiniSudokuDataset
+    def grade(self, completion, **row) -> float:
+        return sudoku_score(completion, row_field(row, "puzzle", self.name), row_field(row, "solution", self.name))
 
-        data = MiniSudokuDataset(
-            MiniSudokuConfig(min_empty=self.min_empty, max_empty=self.max_empty, seed=stream_seed, size=1)
-        )
+    def _read(self, path) -> list[dict]:
+        return [{"puzzle": r["puzzle"], "solution": r["solution"]} for r in load_sudoku_csv(path)]
 
-        def draw(index: int) -> dict | None:
-            try:
-                meta = data[index]["metadata"]
-            except RuntimeError:  # the generator gave up on a solved board
-                return None
-            puzzle = "".join(str(v) for line in meta["puzzle"] for v in line)
-            # the generator stops removing clues early when the next removal would allow a
-            # second solution, so it can fall short of min_empty
-            if not self.min_empty <= puzzle.count("0") <= self.max_empty:
-                return None
-            return make_row(puzzle, "".join(str(v) for line in meta["solution"] for v in line))
+    def _hub(self, split: str) -> list[dict]:
+        if split == "test":
+            raise AgrpoError("the 4x4 Sudoku test split is not on the hub: pass path= a CSV such as sudoku4x4_test.csv")
+        generator = TinySudokuTask(held_out=[{"puzzle": k} for k in self.excluded])
+        rows = generator.train_examples(GENERATED_TRAIN_ROWS, 0)
+        return [{"puzzle": r["puzzle"], "solution": r["solution"]} for r in rows]
 
-        return draw
-
-    def grade(self, completion: str, **row) -> float:
-        return score_sudoku(completion, _column(row, "puzzle"), _column(row, "solution"))
-
-    def target(self, row: dict) -> str:
-        return _column(row, "solution")
-
-    def load(self, path) -> list[dict]:
-        return load_sudoku_csv(path)
-
-
-def _column(row: dict, name: str) -> str:
-    if name not in row:
-        raise AgrpoError(
-            f"sudoku rows need a {name!r} column, got columns {sorted(row)}: use rows made by the task or its loader"
-        )
-    return row[name]
-
-
-def load_sudoku_csv(path) -> list[dict]:
-    """Rows of a CSV with columns Puzzle,Solution (16 digits each, row-major, '0' = empty)."""
-    path = Path(path)
-    if not path.is_file():
-        raise AgrpoError(f"no Sudoku file at {path}: pass the path of a CSV with columns Puzzle,Solution")
-    rows = []
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"Puzzle", "Solution"} - set(reader.fieldnames or ())
-        if missing:
-            raise AgrpoError(f"{path} lacks column(s) {', '.join(sorted(missing))}: the header must be Puzzle,Solution")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            puzzle, solution = (row.get("Puzzle") or "").strip(), (row.get("Solution") or "").strip()
-            if not puzzle and not solution:
-                continue
-            if len(puzzle) != CELLS or any(ch not in "0" + DIGITS for ch in puzzle):
-                raise AgrpoError(f"{where}: Puzzle must be 16 digits 0-4, got {puzzle!r}")
-            if not is_solved_grid(solution):
-                raise AgrpoError(
-                    f"{where}: Solution {solution!r} is not a solved 4x4 grid "
-                    "(16 digits 1-4, no repeats in a row, column or box)"
-                )
-            clash = [i for i in range(CELLS) if puzzle[i] != "0" and puzzle[i] != solution[i]]
-            if clash:
-                raise AgrpoError(f"{where}: Solution contradicts the Puzzle's given digit at cell {clash[0]}")
-            rows.append(make_row(puzzle, solution))
-    if not rows:
-        raise AgrpoError(f"{path} holds no puzzles: add rows below the Puzzle,Solution header")
-    return rows
+    def _hub_test_keys(self) -> frozenset:
+        return frozenset()  # the generator already left out `held_out`
