@@ -62,13 +62,13 @@ def encode_prompts(tokenizer, prompts: list, chat_template: bool = False, device
     return ids, mask
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, eos_id: int | None) -> list[str]:
-    """Completion texts, cut at the first EOS."""
+def decode_completions(tokenizer, completion_ids: torch.Tensor, eos_id) -> list[str]:
+    """Completion texts, cut at the first EOS; `eos_id` is one id or several (any of them ends a row)."""
+    stops = set() if eos_id is None else ({int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id})
     out = []
     for row in completion_ids.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        out.append(tokenizer.decode(row, skip_special_tokens=True))
+        end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+        out.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return out
 
 

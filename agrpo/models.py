@@ -93,6 +93,8 @@ def _resolve_run_dir(path: Path) -> Path:
     from agrpo.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(path)
+    if latest is None and path.name == "checkpoints":  # runs/<name>/checkpoints stands for the run
+        latest = latest_checkpoint(path.parent)
     if latest is not None:
         return latest
     if (path / "model" / "config.json").is_file():

@@ -177,7 +177,7 @@ def test_checkpoint_dirs_load_with_the_base_tokenizer(tiny_dir, tmp_path):
     run = tmp_path / "run"
     ckpt = save_checkpoint(run, 5, model, torch.optim.AdamW(model.parameters()))
     assert not (ckpt / "tokenizer.json").exists()
-    for where in (ckpt, run):  # a run directory stands for its latest checkpoint
+    for where in (ckpt, run, run / "checkpoints"):  # a run (or its checkpoints folder) stands for its latest checkpoint
         loaded, tokenizer = load_model_and_tokenizer(str(where))
         assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
         assert tokenizer("a b")["input_ids"] == tok("a b")["input_ids"]
