@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,6 +115,8 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = 2,
     tokenizer=None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_{step:06d}/` atomically and point `latest` at it.
 
@@ -127,6 +130,9 @@ def save_checkpoint(
             step above `step` belong to a timeline abandoned by a resume from an earlier
             checkpoint and are removed as well.
         tokenizer: optional; saved into the checkpoint so that it loads stand-alone.
+        model_state / optimizer_state: what to write instead of `model.state_dict()` /
+            `optimizer.state_dict()`: the whole model and optimizer gathered from the shards
+            of a sharded run (`agrpo.distributed.gather_for_save`), on the process that saves.
 
     Returns the checkpoint directory.
     """
@@ -151,10 +157,10 @@ def save_checkpoint(
     tmp = root / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else {"state_dict": model_state}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
         # state.json last: a directory holding it has everything else as well
@@ -305,22 +311,50 @@ def load_checkpoint(
     state = _read_state(path)
     peft = _is_peft(model)
     tensors = _read_safetensors(path, _weight_files(path, peft))
+    opt_state, sched_state = _read_training_state(path, optimizer is not None, scheduler is not None)
+    (_load_peft if peft else _load_plain)(path, model, tensors)
+    _apply_training_state(path, optimizer, scheduler, opt_state, sched_state)
+    return state
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    load_optimizer_state: Callable[[dict], None] | None = None,
+) -> dict:
+    """Load the optimizer and scheduler of a checkpoint, not the model; returns state.json.
+
+    For runs that shard the model: its weights go in with `load_checkpoint(path, model)` before
+    accelerate shards it, the optimizer state once the optimizer holds the shards.
+    `load_optimizer_state(saved)` replaces `optimizer.load_state_dict(saved)` (e.g.
+    `agrpo.distributed.optimizer_loader`, which shards a gathered state).
+    """
+    path = Path(path)
+    state = _read_state(path)
+    opt_state, sched_state = _read_training_state(path, True, scheduler is not None)
+    _apply_training_state(path, optimizer, scheduler, opt_state, sched_state, load_optimizer_state)
+    return state
+
+
+def _read_training_state(path: Path, optimizer: bool, scheduler: bool) -> tuple[dict | None, dict | None]:
     opt_state = sched_state = None
-    if optimizer is not None:
+    if optimizer:
         if not (path / OPTIMIZER).is_file():
             raise AgrpoError(f"checkpoint {path} has no {OPTIMIZER}: it cannot resume training; use another checkpoint")
         opt_state = _torch_load(path, path / OPTIMIZER)
-    if scheduler is not None:
+    if scheduler:
         if not (path / SCHEDULER).is_file():
             raise AgrpoError(f"checkpoint {path} has no {SCHEDULER}: it was saved without a scheduler")
         sched_state = _torch_load(path, path / SCHEDULER)
+    return opt_state, sched_state
 
-    (_load_peft if peft else _load_plain)(path, model, tensors)
+
+def _apply_training_state(path, optimizer, scheduler, opt_state, sched_state, load_optimizer_state=None) -> None:
     if opt_state is not None:
         try:
-            optimizer.load_state_dict(opt_state)
-        except (ValueError, KeyError) as e:  # parameter groups differ
+            (load_optimizer_state or optimizer.load_state_dict)(opt_state)
+        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups or names differ
             raise AgrpoError(f"optimizer state in {path} does not fit this optimizer: {e}") from e
     if sched_state is not None:
         scheduler.load_state_dict(sched_state)
-    return state

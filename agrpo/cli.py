@@ -1,6 +1,6 @@
 """agrpo train | sft | eval | bench | config
 
-    agrpo train [-c preset.yaml] [key=value ...]     RL (AGRPO by default)
+    agrpo train [-c preset.yaml] [key=value ...]     RL (AGRPO by default; no -c: configs/tiny_sudoku.yaml)
     agrpo sft   [-c preset.yaml] [key=value ...]     masked-diffusion supervised training
     agrpo eval  [-c preset.yaml] [key=value ...]     held-out accuracy
     agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
@@ -121,10 +121,19 @@ def _run(argv: list[str]) -> int:
         print(describe_config(cls))
         return 0
     path, overrides = parse_cli_overrides(_normalise(rest))
+    if path is None and command == "train":
+        from agrpo.recipes.rl import default_preset
+
+        path = default_preset()
     cfg = load_config(cls, path, overrides)
     result = fn(cfg)
-    print(json.dumps(result))
+    if _is_main_process():  # under torchrun every process returns the same summary: print it once
+        print(json.dumps(result))
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agrpo: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("agrpo: interrupted; the last checkpoint is intact (resume=true continues)", file=sys.stderr)
+        command = argv[0] if argv else ""
+        hint = {
+            "train": "checkpoints already written are intact; resume=true continues from the last one",
+            "sft": "checkpoints already written are intact",
+            "eval": "finished generations are kept; the same command resumes",
+        }.get(command, "")
+        print(f"agrpo: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
 
 

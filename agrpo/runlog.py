@@ -6,6 +6,9 @@
     curves.png       training reward and held-out accuracy against step (`agrpo plot RUN` redraws it)
     checkpoints/     see agrpo.checkpoint
 
+`agrpo eval` writes generations.jsonl (`append_jsonl`, `read_jsonl`) and accuracy_vs_steps.png
+(`plot_sweep`) the same crash-safe way.
+
 Each metrics line is flushed and fsync'ed as it is written, so a crash loses at most the
 line being written; a torn last line is dropped when the file is read or resumed.
 Non-finite floats (a NaN reward mean when every reward was None) are written as null so
@@ -28,20 +31,21 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 
 
+def _record(path: Path, number: int, line: str, int_key: str | None) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise AgrpoError(f"{path} line {number} is not JSON ({e}): fix or delete that line") from e
+    if not isinstance(record, dict) or (int_key and not isinstance(record.get(int_key), int)):
+        what = f"has no integer {int_key!r}" if int_key else "is not a JSON object"
+        raise AgrpoError(f"{path} line {number} {what}: fix or delete that line")
+    return record
+
+
 def _parse_lines(path: Path, text: str) -> list[dict]:
     lines = text.split("\n")
     complete, tail = lines[:-1], lines[-1]  # `tail` is non-empty only if the last write was torn
-    out = []
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise AgrpoError(f"{path} line {number} is not JSON ({e}): fix or delete that line") from e
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise AgrpoError(f"{path} line {number} has no integer 'step': fix or delete that line")
-        out.append(record)
+    out = [_record(path, n, line, "step") for n, line in enumerate(complete, start=1) if line.strip()]
     if tail.strip():
         try:  # a final line without newline is kept only if it is whole
             record = json.loads(tail)
@@ -206,12 +210,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     failing, so that plotting at the end of a run never costs its results.
     """
     data = curve_data(read_metrics(metrics_path))
-    # Figure + the Agg canvas directly: no pyplot, so no display backend and no global state
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure((10, 4))
     ax_r, ax_a = fig.subplots(1, 2)
 
     if data["reward_steps"]:
@@ -238,10 +237,89 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     ax_a.set_xlabel("step")
     ax_a.set_ylabel("accuracy")
     fig.suptitle(Path(metrics_path).resolve().parent.name)
+    return _save_png(fig, out_png)
 
+
+def _figure(size: tuple[float, float]):
+    # Figure + the Agg canvas directly: no pyplot, so no display backend and no global state
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, out_png) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     write_atomic(out, buf.getvalue())
     return out
+
+
+def append_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Append `records`, one JSON line each, in one write, flushed and fsync'ed before returning."""
+    text = "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """The whole lines of a JSON-lines file (none if it is missing); a torn last line is
+    skipped, and with `repair` cut from the file so that appending starts on a fresh line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if repair and len(whole) != len(data):
+        write_atomic(path, whole)
+    lines = whole.decode("utf-8").splitlines()
+    return [_record(path, n, line, None) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def sweep_series(settings: list[dict]) -> list[dict]:
+    """The lines `plot_sweep` draws: one per (model, gen_length, block_length), points sorted by
+    steps, with the 95% interval of each point. The label names only what varies."""
+    def varies(key):
+        return len({s[key] for s in settings}) > 1
+
+    lines: dict[tuple, dict] = {}
+    for s in settings:
+        key = (s["model"], s["gen_length"], s["block_length"])
+        if key not in lines:
+            parts = ([s["model"]] if varies("model") else []) + [f"length {s['gen_length']}"]
+            parts += [f"block {s['block_length']}"] if varies("block_length") else []
+            lines[key] = {"label": ", ".join(parts), "model": s["model"], "gen_length": s["gen_length"],
+                          "block_length": s["block_length"], "points": []}
+        lines[key]["points"].append((s["steps"], s["accuracy"], s["ci95"][0], s["ci95"][1]))
+    out = []
+    for line in lines.values():
+        points = sorted(line.pop("points"))
+        line.update(steps=[p[0] for p in points], accuracy=[p[1] for p in points],
+                    low=[p[2] for p in points], high=[p[3] for p in points])
+        out.append(line)
+    return out
+
+
+def plot_sweep(settings: list[dict], out_png: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy against denoising steps, a line per `sweep_series` entry, 95% intervals as error bars."""
+    fig = _figure((6, 4))
+    ax = fig.subplots()
+    for line in sweep_series(settings):
+        acc = line["accuracy"]
+        err = [[a - lo for a, lo in zip(acc, line["low"])], [hi - a for a, hi in zip(acc, line["high"])]]
+        ax.errorbar(line["steps"], acc, yerr=err, marker="o", capsize=3, label=line["label"])
+    steps = sorted({s["steps"] for s in settings})
+    if steps and min(steps) > 0 and max(steps) / min(steps) >= 4:  # halving steps reads as equal spacing
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(t) for t in steps])
+    ax.set_xlabel("denoising steps")
+    ax.set_ylabel("accuracy (95% interval)")
+    ax.set_title(title or "accuracy against steps")
+    ax.legend(loc="best")
+    return _save_png(fig, out_png)

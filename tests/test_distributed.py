@@ -1,26 +1,321 @@
-"""Two real processes (gloo on CPU) through torchrun: the recipe's gathers and reductions work."""
+"""Data-parallel training: one optimizer step per batch, global normalisation, equality with one process.
+
+The multi-process tests launch tests/dist_worker.py with `torchrun --standalone --nproc_per_node 2`
+(gloo, CPU; `accelerate launch --cpu` would start one process). Every run uses the shipped tiny
+Countdown model, whose rows stop early, and a reward that is None for five of the eight
+completions on the second process's side of each batch, so the processes hold different numbers
+of rows and of loss chunks. A hang ends at the workers' deadline (or a gloo timeout) and fails.
+"""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+
+from agrpo.recipes import rl
+
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+WORKER = Path(__file__).with_name("dist_worker.py")
+ACCELERATE_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob("*.yaml"))
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun missing")
+DEADLINE_S = 90  # a healthy launch takes ~10 s
+STEPS = 4
+SETTINGS = [
+    "model=tiny:countdown", "task=tiny-countdown", f"max_steps={STEPS}", "time_budget_s=0", "prompts_per_step=4",
+    "group_size=4", "rollout_batch_size=8", "num_samples=3", "max_rows_per_forward=5", "sampling.gen_length=16",
+    "sampling.block_length=4", "sampling.steps=8", "eval_sampling.block_length=4", "eval_size=3", "eval_every=0", "save_every=2", "train_pool=64",
+    "progress=false", "lr=1e-3",
+]
+
+
+def _launch(root: Path, name: str, backend: str, processes: int, kill_after=None, resume=False, extra=()) -> SimpleNamespace:
+    run_name = name.removesuffix("-resumed").removesuffix("-killed")
+    overrides = SETTINGS + [f"output_dir={root / 'runs'}", f"name={run_name}", *extra] + (["resume=true"] if resume else [])
+    spec = {"overrides": overrides, "out": str(root / name), "backend": backend, "kill_after": kill_after,
+            "deadline_s": DEADLINE_S}
+    spec_path = root / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.Popen(
+        launcher + [str(WORKER), str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=DEADLINE_S + 30)
+    except subprocess.TimeoutExpired:  # the workers' own deadline should have come first
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{name}: no result after {DEADLINE_S + 30} s")
+    if proc.returncode == 99 or "exitcode  : 99" in err:
+        pytest.fail(f"{name}: the processes hung (waiting on each other?) and ended at their {DEADLINE_S} s deadline")
+    records = [torch.load(root / name / f"rank{r}.pt") for r in range(processes)] if proc.returncode == 0 else []
+    metrics_file = root / "runs" / run_name / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    return SimpleNamespace(returncode=proc.returncode, stderr=err, records=records, metrics=metrics,
+                           run_dir=root / "runs" / run_name)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiproc")
+    done = {}
+
+    def get(name, backend, processes, **kw):
+        if name not in done:
+            done[name] = _launch(root, name, backend, processes, **kw)
+            assert kw.get("kill_after") or done[name].returncode == 0, done[name].stderr[-3000:]
+        return done[name]
+
+    return get
+
+
+def _fsdp_units() -> int:
+    """FSDP units of the tiny model as the worker shards it: each decoder layer, and the root."""
+    config = json.loads((Path(rl.__file__).parent.parent / "tiny/checkpoints/countdown/config.json").read_text())
+    return config["num_hidden_layers"] + 1
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun missing")
-def test_two_process_training(tmp_path):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+@needs_torchrun
+@pytest.mark.parametrize("backend, objective", [("ddp", "agrpo"), ("fsdp", "agrpo"), ("ddp", "diffu_grpo")])
+def test_two_processes_train_as_one(launch, backend, objective):
+    extra = [f"objective={objective}", "inner_steps=2", "rollout_batch_size=4"] if objective != "agrpo" else []
+    one = launch(f"one-{objective}", "ddp", 1, extra=extra).records[0]
+    two = launch(f"{backend}-{objective}" if extra else backend, backend, 2, extra=extra)
+    r0, r1 = two.records
+    # the scenario: rows stopped early on both processes, fewer rows kept on the second
+    assert r0["early_stopped"] > 0 and r1["early_stopped"] > 0
+    assert r1["kept_rows"] < r0["kept_rows"]
+    steps = STEPS * (2 if extra else 1)  # diffu-GRPO: two optimizer steps per batch of rollouts
+    assert len(one["params"]) == len(r0["params"]) == len(r1["params"]) == steps
+    assert one["params"][-1].ne(one["params"][0]).any()  # training moved the weights
+    for step, (p1, a, b) in enumerate(zip(one["params"], r0["params"], r1["params"])):
+        assert torch.equal(a, b), f"the processes disagree after step {step + 1}"
+        assert (a - p1).abs().max() <= 1e-6 * p1.abs().max(), f"2 processes != 1 process after step {step + 1}"
+    # every process made as many backward calls, several per step (loss chunks), and synced once
+    assert r0["backwards"] == r1["backwards"] and min(r0["backwards"]) > 1
+    if backend == "ddp":
+        assert [line["grad_syncs"] for line in two.metrics[1:]] == [steps // STEPS] * STEPS
+    else:
+        assert r0["reduce_scatters"] == r1["reduce_scatters"] == [_fsdp_units()] * steps
+
+
+@pytest.mark.slow
+@needs_torchrun
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_kill_and_resume_two_processes(launch, backend):
+    straight = launch(backend, backend, 2)
+    killed = launch(f"{backend}-again-killed", backend, 2, kill_after=2)
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (killed.run_dir / "checkpoints").glob("step_*")) == ["step_000002"]
+    resumed = launch(f"{backend}-again-resumed", backend, 2, resume=True)
+    for record in resumed.records:
+        assert len(record["params"]) == STEPS - 2
+        assert torch.equal(record["params"][-1], straight.records[0]["params"][-1])
+    assert [line["step"] for line in resumed.metrics] == list(range(STEPS + 1))
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_two_process_training_from_the_cli(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "agrpo.cli", "train", f"output_dir={tmp_path}",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "agrpo.cli", "train", f"output_dir={tmp_path}",
            "name=ddp", "max_steps=2", "time_budget_s=0", "prompts_per_step=4", "group_size=2", "eval_size=8",
            "train_pool=64", "progress=false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(summaries) == 2  # one per process, and they agree: accuracy is reduced across ranks
-    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+    assert len(summaries) == 1  # printed by the main process only
+    saved = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summaries[0]["final_accuracy"] == saved["final_accuracy"]
     lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2]
+
+
+class FakeEngine:
+    """Stands in for a DeepSpeed engine behind accelerate's own DeepSpeedEngineWrapper."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.calls = optimizer, []
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        self.calls.append(("boundary", is_boundary))
+
+    def backward(self, loss, **kwargs):
+        self.calls.append("backward")
+        loss.backward()
+
+    def step(self):
+        self.calls.append("step")
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("valid_rows", [6, 0])
+def test_deepspeed_takes_one_optimizer_step_per_batch(monkeypatch, valid_rows):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    from agrpo.policy import Policy
+    from agrpo.recipes.rl import RLConfig, _agrpo_backward, _Part
+    from agrpo.sampling import SamplingConfig, generate
+    from conftest import prompts, tiny_model
+
+    policy = Policy(tiny_model(3, double=False))
+    sampling = SamplingConfig(gen_length=8, block_length=4, steps=4, temperature=1.0, remasking="random")
+    gen = torch.Generator().manual_seed(0)
+    rollout = generate(policy, prompts(6, 4), None, sampling, gen)
+    valid = torch.arange(6) < valid_rows
+    part = _Part(rollout, torch.linspace(-1, 1, 6), valid, [0.0] * 6, gen)
+    accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(type(accelerator), "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    engine = FakeEngine(torch.optim.SGD(policy.parameters(), lr=0.1))
+    accelerator.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(engine)
+    before = [p.detach().clone() for p in policy.parameters()]
+
+    cfg = RLConfig(num_samples=4, max_rows_per_forward=5)
+    _agrpo_backward(cfg, accelerator, policy, [part], 0, None)
+
+    chunks = -(-valid_rows * cfg.num_samples // cfg.max_rows_per_forward) or 1  # 24 draws in 5 chunks; or one zero
+    assert engine.calls.count("backward") == chunks
+    assert engine.calls.count("step") == 1 and engine.calls[-1] == "step"
+    boundaries = [flag for call, *flag in [c if isinstance(c, tuple) else (c,) for c in engine.calls] if call == "boundary"]
+    assert boundaries == [[False]] * (chunks - 1) + [[True]]
+    moved = any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert moved == (valid_rows > 0)
+    assert accelerator.sync_gradients  # left as accelerate expects it outside a step
+
+
+def test_resuming_a_deepspeed_run_is_refused_in_one_line():
+    from agrpo.distributed import optimizer_loader
+    from agrpo.errors import AgrpoError
+
+    deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()))
+    with pytest.raises(AgrpoError, match="resuming under DeepSpeed is not supported") as err:
+        optimizer_loader(deepspeed, torch.nn.Linear(2, 2), None)
+    assert "\n" not in str(err.value)
+
+
+def _concat(a, b):
+    """Two rollouts of equal prompt length as one batch."""
+    fields = {k: (torch.cat([v, getattr(b, k)]) if isinstance(v, torch.Tensor) else v) for k, v in a.__dict__.items()}
+    return type(a)(**fields)
+
+
+def _gradient(objective, normalization, parts):
+    from accelerate import Accelerator
+
+    from agrpo.recipes.rl import RLConfig, _agrpo_backward, _diffu_grpo_backward
+    from agrpo.objectives import mean_field_logp, random_prompt_mask
+
+    policy = parts[0].policy
+    policy.zero_grad(set_to_none=True)
+    # K = T_eff = 4 with stratified draws visits every step once: the draws do not depend on the split
+    cfg = RLConfig(objective=objective, normalization=normalization, num_samples=4, max_rows_per_forward=3)
+    for part in parts:
+        part.masks = [random_prompt_mask(part.rollout, 0.0)]
+        with torch.no_grad():
+            part.olds = [mean_field_logp(policy, part.rollout, part.masks[0])]
+        part.refs = [None]
+    backward = _agrpo_backward if objective == "agrpo" else _diffu_grpo_backward
+    backward(cfg, Accelerator(cpu=True), policy, parts, 0, None)
+    return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("objective", ["agrpo", "diffu_grpo"])
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, normalization):
+    from agrpo.policy import Policy
+    from agrpo.recipes.rl import _Part
+    from agrpo.sampling import SamplingConfig, generate
+    from conftest import prompts, tiny_model
+
+    policy = Policy(tiny_model(7))
+    sampling = SamplingConfig(gen_length=8, block_length=4, steps=4, temperature=1.0, remasking="random", stop_at_eos=False)
+    gen = torch.Generator().manual_seed(4)
+    a = generate(policy, prompts(3, 4, seed=1), None, sampling, gen)
+    b = generate(policy, prompts(3, 4, seed=2), None, sampling, gen)
+    adv_a, adv_b = torch.tensor([0.5, -0.5, 1.0]), torch.tensor([-1.0, 0.2, 0.3])
+    ok_a, ok_b = torch.tensor([True, True, True]), torch.tensor([False, True, False])  # uneven, as over processes
+
+    def part(rollout, adv, valid):
+        p = _Part(rollout, adv, valid, [0.0] * len(adv), torch.Generator().manual_seed(0))
+        p.policy = policy
+        return p
+
+    split = _gradient(objective, normalization, [part(a, adv_a, ok_a), part(b, adv_b, ok_b)])
+    whole = _gradient(objective, normalization, [part(_concat(a, b), torch.cat([adv_a, adv_b]), torch.cat([ok_a, ok_b]))])
+    assert split.abs().max() > 0
+    assert torch.allclose(split, whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+def test_diffu_grpo_micro_batches_add_up_to_the_batch(normalization):
+    from agrpo.objectives import diffu_grpo_loss, mean_field_logp, random_prompt_mask
+    from agrpo.objectives.diffu_grpo import loss_count
+    from agrpo.policy import Policy
+    from agrpo.sampling import SamplingConfig, generate
+    from conftest import prompts, tiny_model
+
+    policy = Policy(tiny_model(5))
+    sampling = SamplingConfig(gen_length=8, block_length=4, steps=4, temperature=1.0, remasking="random")
+    gen = torch.Generator().manual_seed(2)
+    parts, advantages, valids = [], [torch.tensor([0.5, -0.5, 1.0]), torch.tensor([-1.0, 0.2, 0.3])], []
+    for seed, valid in [(0, [True, True, True]), (1, [False, True, False])]:  # uneven parts, as on two processes
+        parts.append(generate(policy, prompts(3, 4, seed=seed), None, sampling, gen))
+        valids.append(torch.tensor(valid))
+    total = sum(loss_count(ro, normalization, v) for ro, v in zip(parts, valids))
+    pieces = 0.0
+    for ro, adv, v in zip(parts, advantages, valids):
+        mask = random_prompt_mask(ro, 0.0)
+        with torch.no_grad():
+            old = mean_field_logp(policy, ro, mask)
+        pieces += diffu_grpo_loss(policy, ro, adv, mask, old, normalization=normalization, row_valid=v, denominator=total)[1]["loss"]
+    # the same six rows scored as one batch: tokens (or rows) of both parts over the shared count
+    whole = 0.0
+    for ro, adv, v in zip(parts, advantages, valids):
+        mask = random_prompt_mask(ro, 0.0)
+        old = mean_field_logp(policy, ro, mask).detach()
+        loss, _ = diffu_grpo_loss(policy, ro, adv, mask, old, normalization=normalization, row_valid=v)
+        whole += loss.item() * loss_count(ro, normalization, v)
+    assert pieces == pytest.approx(whole / total, rel=1e-9)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file configs/accelerate/{path.name} -m agrpo.cli train -c ")
+    config = load_config_from_file(str(path))  # accelerate's own reader: unknown top-level keys fail here
+    # `accelerate launch` turns each plugin key into the option of the same name: it must exist
+    options = {action.dest for action in launch_command_parser()._actions}
+    plugin_keys = set(config.fsdp_config or {}) | set(config.deepspeed_config or {})
+    assert plugin_keys <= options, plugin_keys - options
+    if config.distributed_type == "DEEPSPEED":
+        ds_file = Path(__file__).parent.parent / config.deepspeed_config["deepspeed_config_file"]
+        ds = json.loads(ds_file.read_text())
+        assert ds["gradient_accumulation_steps"] == 1  # one engine step per batch
+        assert isinstance(ds["train_micro_batch_size_per_gpu"], int)  # no dataloader to fill "auto" from
+        plugin = DeepSpeedPlugin(hf_ds_config=str(ds_file))
+        assert plugin.zero_stage in (2, 3)
+        if plugin.zero_stage == 3:  # checkpoints hold the whole model, gathered
+            assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    elif config.distributed_type == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+    else:
+        assert config.distributed_type == "MULTI_GPU"
+
+
+def test_every_backend_has_an_accelerate_config():
+    assert {p.name for p in ACCELERATE_CONFIGS} == {"ddp.yaml", "fsdp.yaml", "zero2.yaml", "zero3.yaml"}

@@ -616,7 +616,7 @@ def test_unfiltered_rollout_never_gives_mask_probability():
     ro = generate(Policy(model), prompts(4, 4, seed=12), None, cfg, generator=torch.Generator().manual_seed(0))
     assert ro.filter_ids is None and not bool((ro.completion == MASK).any())
     x = rebuild_states(ro, torch.tensor([0]), torch.tensor([0]))
-    p_mask = torch.softmax(full_logits(model, x)[0, ro.prompt_len:], -1)[:, MASK]
+    p_mask = torch.softmax(full_logits(model, x)[0, ro.prompt_len:].detach(), -1)[:, MASK]
     assert float(p_mask.min()) > 0.05
     loss, m = agrpo_loss(Policy(model), ro, ADV, num_samples=4)
     assert abs(m["ratio_mean"] - 1) < 1e-6 and m["clip_frac"] == 0

@@ -144,3 +144,22 @@ def test_reward_of_the_wrong_length_is_a_clear_error(tiny_dir, tmp_path, monkeyp
     monkeypatch.setattr(TinySudokuTask, "reward", lambda self, prompts, completions, **cols: [0.0] * (len(prompts) // 2))
     with pytest.raises(AgrpoError, match="returned 2 values for 4 completions"):
         rl.train(small(tiny_dir, tmp_path, name="bad", max_steps=1))
+
+
+def test_mask_token_id_setting_serves_a_model_that_names_none(tiny_dir, tmp_path):
+    import shutil
+
+    from agrpo.errors import AgrpoError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    config = json.loads((bare / "config.json").read_text())
+    mask = config.pop("mask_token_id")
+    (bare / "config.json").write_text(json.dumps(config))
+    tok = json.loads((bare / "tokenizer_config.json").read_text())
+    tok.pop("mask_token", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
+    with pytest.raises(AgrpoError, match="no mask token"):
+        rl.train(small(str(bare), tmp_path / "a", name="a", max_steps=1))
+    summary = rl.train(small(str(bare), tmp_path / "b", name="b", max_steps=1, mask_token_id=mask))
+    assert summary["steps"] == 1

@@ -60,7 +60,7 @@ def test_sft_then_eval_agree(tmp_path):
 @pytest.mark.skipif(not (SHARED / "sudoku4x4_test.csv").is_file(), reason="shared test split not present")
 def test_eval_on_the_paper_split_through_the_cli(tmp_path, capsys):
     out = tmp_path / "res.json"
-    code = main(["eval", f"data={SHARED / 'sudoku4x4_test.csv'}", "eval_size=32", f"output={out}"])
+    code = main(["eval", f"data={SHARED / 'sudoku4x4_test.csv'}", "eval_size=32", f"output={out}", f"out={tmp_path / 'eval'}"])
     assert code == 0
     res = json.loads(out.read_text())
     assert res["n"] == 32 and len(res["results"]) == 32

@@ -21,7 +21,9 @@ from too, so the decision to stop gets its gradient; `exclude` is the official t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +51,22 @@ class StepPlan:
     coef: torch.Tensor  # [S] float64: multiplier of the sample's token-loss sum in the batch loss
     positions: torch.Tensor  # [S, k] long: completion positions committed at t (padded)
     valid: torch.Tensor  # [S, k] bool: real entries of `positions`
+    count: float = 0.0  # what `coef` divides by here: draws (sequence) or loss tokens (token)
+
+    def normalized(self, total: float, scale: float = 1.0) -> "StepPlan":
+        """The same draws with coef = scale * weight / total, `total` counted over several plans.
+
+        A batch split into micro-batches or over processes divides by the count of all of
+        them (the sum of their `count`s), so the pieces add up to the loss of the whole batch.
+        """
+        coef = self.weight * scale / max(float(total), 1.0)
+        return StepPlan(self.row, self.t, self.weight, coef, self.positions, self.valid, self.count)
+
+    def chunks(self, max_rows_per_forward: int | None) -> int:
+        """Forward passes this plan takes in batches of at most `max_rows_per_forward` sequences."""
+        n = self.row.numel()
+        size = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
+        return -(-n // size) if n else 0
 
 
 def _uniforms(n_rows: int, k: int, scheme: str, generator, device) -> torch.Tensor:
@@ -131,11 +149,29 @@ def plan_steps(
     if normalization == "sequence":
         # the official normalisation: sum of the sampled steps' token losses / (K * G),
         # averaged over groups = mean over rows of (1/K) sum_k w_k L_{t_k}
-        denom = float(k * max(rows.numel(), 1))
+        count = float(k * rows.numel())
     else:
-        denom = float(max(int(valid.sum()), 1))
+        count = float(valid.sum())
     # float64: 1 / (K * rows) is rarely a float32 number, and the exact checks compare to 1e-9
-    return StepPlan(row=row, t=t, weight=weight, coef=weight / denom, positions=order, valid=valid)
+    plan = StepPlan(row=row, t=t, weight=weight, coef=weight, positions=order, valid=valid, count=count)
+    return plan.normalized(count)
+
+
+def padding_plan(rollout: Rollout) -> StepPlan:
+    """One draw with coefficient 0: a forward and backward that changes no gradient.
+
+    A process with fewer draws than another runs these so that every process makes the same
+    number of forward and backward calls (DDP's and FSDP's collectives pair up call by call).
+    The draw is a real record (row 0 at its first step) so that every value on the way is
+    finite and the zero gradient stays exactly zero.
+    """
+    device = rollout.step.device
+    sel = (rollout.step[0] == 0) & rollout.sampled[0]
+    width = max(int(sel.sum()), 1)
+    order = torch.argsort((~sel).to(torch.int8), stable=True)[:width]
+    zero = torch.zeros(1, dtype=torch.float64, device=device)
+    first = torch.zeros(1, dtype=torch.long, device=device)
+    return StepPlan(row=first, t=first, weight=zero, coef=zero, positions=order[None], valid=sel[order][None])
 
 
 def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -180,6 +216,30 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
     return loss, stats
 
 
+def loss_chunks(
+    policy: nn.Module,
+    rollout: Rollout,
+    plan: StepPlan,
+    advantages: torch.Tensor,
+    max_rows_per_forward: int | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logits_fn: Callable | None = None,
+) -> Iterator[tuple[torch.Tensor, dict]]:
+    """(loss, stats) of each batch of at most `max_rows_per_forward` draws, in order; `plan.chunks` of them.
+
+    Lazy: a chunk's forward pass runs when it is asked for, so a caller can run it (and its
+    backward) inside a context such as `accelerator.no_sync`.
+    """
+    advantages = advantages.to(rollout.logp.device, torch.float32)
+    n = plan.row.numel()
+    chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
+    for start in range(0, n, chunk):
+        idx = torch.arange(start, min(n, start + chunk), device=plan.row.device)
+        yield _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn)
+
+
 def agrpo_loss(
     policy: nn.Module,
     rollout: Rollout,
@@ -199,6 +259,7 @@ def agrpo_loss(
     generator: torch.Generator | None = None,
     plan: StepPlan | None = None,
     eos_steps: Literal["include", "exclude"] = "include",
+    chunk_context: Callable[[], AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """AGRPO loss of a batch of rollouts -> (loss, metrics).
 
@@ -208,7 +269,8 @@ def agrpo_loss(
     soon as it is computed, so memory holds one chunk's activations; the returned loss is then
     detached. `ref_logits_fn(x, positions, attention_mask)` gives the reference logits for the
     KL term (required when beta > 0). `eos_steps` sets T_eff (see `horizon`); a given `plan`
-    already carries it.
+    already carries it. `chunk_context()` is entered around each chunk's forward and backward
+    (e.g. `agrpo.distributed.OneSync.piece`, which syncs gradients in the last chunk only).
     """
     if rollout.config.temperature <= 0:
         raise AgrpoError("rollouts sampled greedily (temperature 0) have no policy gradient: sample with temperature > 0")
@@ -222,17 +284,16 @@ def agrpo_loss(
         plan = plan_steps(
             rollout, num_samples, step_sampling, importance, normalization, row_valid, generator, eos_steps
         )
-    advantages = advantages.to(rollout.logp.device, torch.float32)
     n = plan.row.numel()
-    chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
     total = None
     agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0}
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(n, start + chunk), device=plan.row.device)
-        loss, stats = _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn)
-        if backward is not None:
-            backward(loss)
-            loss = loss.detach()
+    chunks = loss_chunks(policy, rollout, plan, advantages, max_rows_per_forward, eps_low, eps_high, beta, ref_logits_fn)
+    for _ in range(plan.chunks(max_rows_per_forward)):
+        with chunk_context() if chunk_context is not None else contextlib.nullcontext():
+            loss, stats = next(chunks)
+            if backward is not None:
+                backward(loss)
+                loss = loss.detach()
         total = loss if total is None else total + loss
         for key in agg:
             agg[key] += stats[key]

@@ -34,6 +34,26 @@ def loss_mask(rollout: Rollout, eos_steps: str = "include") -> torch.Tensor:
     return rollout.sampled & (rollout.step < horizon(rollout, eos_steps)[:, None])
 
 
+def _kept_tokens(rollout: Rollout, row_valid: torch.Tensor | None, eos_steps: str) -> torch.Tensor:
+    mask = loss_mask(rollout, eos_steps)
+    return mask if row_valid is None else mask & row_valid.to(mask.device)[:, None]
+
+
+def loss_count(
+    rollout: Rollout,
+    normalization: str = "sequence",
+    row_valid: torch.Tensor | None = None,
+    eos_steps: str = "include",
+) -> int:
+    """What `diffu_grpo_loss` divides by: rows with a loss token (sequence) or loss tokens (token).
+
+    Summed over micro-batches and processes, it is the `denominator` that makes their losses add
+    up to the loss of the whole batch.
+    """
+    mask = _kept_tokens(rollout, row_valid, eos_steps)
+    return int(mask.any(1).sum()) if normalization == "sequence" else int(mask.sum())
+
+
 def mean_field_logp(
     policy: nn.Module, rollout: Rollout, prompt_mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -63,6 +83,7 @@ def diffu_grpo_loss(
     row_valid: torch.Tensor | None = None,
     temperature: float = 1.0,
     eos_steps: Literal["include", "exclude"] = "include",
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """One inner iteration of diffu-GRPO -> (loss, metrics).
 
@@ -70,6 +91,8 @@ def diffu_grpo_loss(
     the update (old) and with the reference model (ref). normalization "sequence" averages
     each row's tokens then the rows (as d1); "token" averages all loss tokens of the batch.
     `eos_steps` chooses which sampled EOS tokens are learned from, as in AGRPO (`horizon`).
+    `denominator` replaces this batch's own count (`loss_count`) by that of a larger batch
+    this one is a part of.
     """
     bsz = rollout.tokens.shape[0]
     if advantages.shape[0] != bsz:
@@ -78,9 +101,7 @@ def diffu_grpo_loss(
         raise AgrpoError("beta > 0 needs ref_logp from the reference model")
     if normalization not in ("sequence", "token"):
         raise AgrpoError(f"unknown normalization {normalization!r}: choose one of sequence, token")
-    mask = loss_mask(rollout, eos_steps)
-    if row_valid is not None:
-        mask = mask & row_valid.to(mask.device)[:, None]
+    mask = _kept_tokens(rollout, row_valid, eos_steps)
     logp = mean_field_logp(policy, rollout, prompt_mask, temperature)
     adv = advantages.to(logp.device, torch.float32)[:, None]
     per_tok, ratio, clipped = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)
@@ -90,12 +111,13 @@ def diffu_grpo_loss(
         per_tok = per_tok + beta * kl
     per_tok = per_tok.masked_fill(~mask, 0.0)
     maskf = mask.float()
+    if denominator is None:
+        denominator = loss_count(rollout, normalization, row_valid, eos_steps)
     if normalization == "sequence":
-        rows = mask.any(1)
         per_row = per_tok.sum(1) / maskf.sum(1).clamp(min=1)
-        loss = per_row.sum() / rows.sum().clamp(min=1)
+        loss = per_row.sum() / max(float(denominator), 1.0)
     else:
-        loss = per_tok.sum() / maskf.sum().clamp(min=1)
+        loss = per_tok.sum() / max(float(denominator), 1.0)
     tokens = max(int(mask.sum()), 1)
     metrics = {
         "loss": float(loss.detach()),

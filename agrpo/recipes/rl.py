@@ -1,7 +1,7 @@
 """RL post-training of a masked diffusion LM: AGRPO (default) or diffu-GRPO.
 
     agrpo train                                   # the tiny Sudoku default, CPU, minutes
-    agrpo train -c configs/llada8b_countdown.yaml  # paper scale, accelerate launch ...
+    agrpo train -c configs/llada8b/countdown.yaml  # paper scale, accelerate launch ...
 
 One step reads top to bottom: prompts -> rollouts -> rewards -> advantages -> loss over
 sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / the paper:
@@ -12,7 +12,11 @@ sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / 
 * the tiny default trains with a smaller model, fewer steps and a larger learning rate
   than the paper (LLaDA-8B: lr 5e-6, G=8, K=24, 128 steps of 3 tokens); see configs/;
 * a step whose loss or gradient is not finite is skipped and counted (`skipped_steps`);
-* the run stops at `max_steps` or at `time_budget_s` of training wall time, whichever first.
+* on N processes the run draws and learns what it does on one (README "Multi-GPU"): one
+  optimizer step per batch, the loss normalised over all processes;
+* the run stops after its planned steps (`max_steps`, or `epochs` over the training rows) or at
+  `time_budget_s` of training wall time, whichever first; the cosine schedule spans the planned
+  steps. Only the tiny preset has a time budget (`agrpo train` without -c runs it).
 """
 
 from __future__ import annotations
@@ -26,17 +30,28 @@ from typing import Literal
 import torch
 from accelerate import Accelerator
 
-from agrpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from agrpo.config import config_to_dict
 from agrpo.data import decode_completions, encode_prompts
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
+from agrpo.distributed import (
+    GradSyncCounter, OneSync, collective_free, gather_for_save, optimizer_loader, reduce_sum, totals,
+)
 from agrpo.objectives import agrpo_loss, diffu_grpo_loss, group_advantages, mean_field_logp, random_prompt_mask
+from agrpo.objectives.agrpo import padding_plan, plan_steps
+from agrpo.objectives.diffu_grpo import loss_count
 from agrpo.policy import Policy, unwrap
-from agrpo.runlog import RunLog, make_run_dir, plot_curves, save_resolved_config, write_summary
-from agrpo.sampling import SamplingConfig, generate, paper_eval_sampling
+from agrpo.runlog import RunLog, append_jsonl, make_run_dir, plot_curves, save_resolved_config, write_summary
+from agrpo.sampling import Rollout, SamplingConfig, generate, paper_eval_sampling
+from agrpo.step_metrics import (
+    RewardRecorder, check_trackers, flat_config, open_samples, samples_of, step_means, step_sums,
+)
 from agrpo.tasks import check_model_fits, get_task
+
+
+SAMPLES_PER_LOG = 4  # completions written to samples.jsonl on a sampling step: one group's worth at G = 4
 
 
 def _train_sampling() -> SamplingConfig:
@@ -71,6 +86,9 @@ class RLConfig:
     shift_logits: bool | None = field(
         default=None, metadata={"help": "the model predicts position i from i-1 (unset: the model family's value; Dream: true)"}
     )
+    mask_token_id: int | None = field(
+        default=None, metadata={"help": "the [MASK] id, for a model whose config and tokenizer name none (unset: theirs)"}
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, slower)"})
     chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template"})
@@ -85,6 +103,11 @@ class RLConfig:
     # rollouts
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per optimizer step (all processes together)"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
+    rollout_batch_size: int = field(
+        default=0,
+        metadata={"help": "completions generated at a time per process, a multiple of group_size (0: all at once); "
+                  "runs with the same value dividing each process's share are identical on 1 or N processes"},
+    )
     sampling: SamplingConfig = field(default_factory=_train_sampling, metadata={"help": "training sampler"})
     eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     # objective
@@ -110,18 +133,32 @@ class RLConfig:
     max_rows_per_forward: int = field(default=512, metadata={"help": "sequences per forward in the loss (memory budget)"})
     # optimizer
     lr: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW)"})
-    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "after warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "after warmup; cosine decays to 0 over the planned steps (max_steps or epochs)"}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps (or warmup_ratio, not both)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warmup over this fraction of the planned steps (the paper: 0.01)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     # schedule
-    max_steps: int = field(default=100000, metadata={"help": "optimizer steps at most"})
-    time_budget_s: float = field(default=540.0, metadata={"help": "stop after this much training wall time (0: no limit)"})
+    max_steps: int = field(
+        default=0, metadata={"help": "steps of the run (0: set by epochs, or none under a time budget); with epochs, the smaller"}
+    )
+    epochs: float = field(
+        default=0.0, metadata={"help": "passes over the training rows: max_steps = ceil(epochs x rows / prompts_per_step) (0: unused)"}
+    )
+    time_budget_s: float = field(default=0.0, metadata={"help": "stop after this much training wall time (0: no limit)"})
     eval_every: int = field(default=50, metadata={"help": "held-out evaluation every N steps (0: start and end only)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: at the end only)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: every one)"})
+    log_samples_every: int = field(
+        default=0, metadata={"help": "write a few prompts, completions and rewards to samples.jsonl every N steps (0: never)"}
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = field(
+        default_factory=list, metadata={"help": "trackers that also receive the metrics, e.g. [tensorboard] (needs the package)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
@@ -134,33 +171,94 @@ class RLConfig:
                 raise AgrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise AgrpoError("group_size must be >= 2: group-relative advantages need at least two completions")
+        if self.rollout_batch_size < 0 or self.rollout_batch_size % self.group_size:
+            raise AgrpoError(
+                f"rollout_batch_size={self.rollout_batch_size} must be 0 or a multiple of group_size={self.group_size}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AgrpoError(f"lr must be a positive number, got {self.lr}")
         if not (0 <= self.eps_low < 1) or self.eps_high < 0:
             raise AgrpoError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if self.beta < 0:
             raise AgrpoError(f"beta must be >= 0, got {self.beta}")
-        if self.sampling.gen_length != self.eval_sampling.gen_length:
-            raise AgrpoError("sampling.gen_length and eval_sampling.gen_length differ: use the same completion length")
+        for name in ("max_steps", "epochs", "time_budget_s", "warmup_steps", "warmup_ratio", "keep_checkpoints",
+                     "log_samples_every", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise AgrpoError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.max_steps or self.epochs or self.time_budget_s):
+            raise AgrpoError("the run has no end: set max_steps, epochs or time_budget_s")
+        planned = self.max_steps or self.epochs
+        if self.lr_schedule == "cosine" and not planned:
+            raise AgrpoError(
+                "lr_schedule=cosine needs the planned length: set max_steps or epochs (a time budget does not say how many steps)"
+            )
+        if self.warmup_ratio and not planned:
+            raise AgrpoError("warmup_ratio needs the planned length: set max_steps or epochs, or use warmup_steps")
+        if self.warmup_ratio and self.warmup_steps:
+            raise AgrpoError("warmup_steps and warmup_ratio are both set: keep one")
+        if self.warmup_ratio >= 1:
+            raise AgrpoError(f"warmup_ratio must be below 1 (a fraction of the planned steps), got {self.warmup_ratio}")
 
 
-def _lr_lambda(cfg: RLConfig):
+def default_preset() -> str:
+    """What `agrpo train` runs without -c: the tiny Sudoku preset, the only run with a time budget."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "tiny_sudoku.yaml"
+    if not path.is_file():
+        raise AgrpoError(f"agrpo train without -c runs {path}, which this installation lacks: pass -c <preset.yaml>")
+    return str(path)
+
+
+def planned_steps(cfg: RLConfig, train_rows: int) -> int:
+    """Optimizer steps of the run: max_steps, or the epochs over the training rows, the smaller of the
+    two when both are set; 0 when only the time budget ends the run."""
+    by_epochs = math.ceil(cfg.epochs * train_rows / cfg.prompts_per_step) if cfg.epochs else 0
+    if by_epochs and cfg.max_steps:
+        return min(by_epochs, cfg.max_steps)
+    return by_epochs or cfg.max_steps
+
+
+def _run_over(cfg: RLConfig, max_steps: int, step: int, wall_s: float) -> bool:
+    return bool((max_steps and step >= max_steps) or (cfg.time_budget_s and wall_s >= cfg.time_budget_s))
+
+
+def _lr_lambda(cfg: RLConfig, total_steps: int):
+    """LR factor per optimizer update; `total_steps` counts updates (planned steps x inner_steps)."""
+    # warmup by ratio rounds up as transformers' Trainer does: 1% of 150 steps is 2 warmup steps
+    warmup = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio else cfg.warmup_steps
+
     def fn(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        if warmup and step < warmup:
+            return (step + 1) / warmup
         if cfg.lr_schedule == "cosine":
-            span = max(cfg.max_steps - cfg.warmup_steps, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+            # update s (from 0) runs at fn(s): the last one, s = total - 1, is one step short of the floor,
+            # and the lr logged after it, fn(total), is the floor 0 (transformers' cosine schedule)
+            span = max(total_steps - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
         return 1.0
 
     return fn
 
 
-def _step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
-    # a generator per (step, rank) makes a resumed run draw exactly what the straight run drew
+def _draw_generator(seed: int, step: int, first_prompt: int, device) -> torch.Generator:
+    # keyed by the step and the micro-batch's first prompt in the global batch, not by the process:
+    # a resumed run, or one on another number of processes, draws exactly what the straight run drew
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 64 + rank)
+    gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + first_prompt)
     return gen
+
+
+@dataclass
+class _Part:
+    """One micro-batch of rollouts of a step and what the loss needs of it."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # [B] float32
+    valid: torch.Tensor  # [B] bool: the reward was not None
+    rewards: list  # [B] float | None
+    generator: torch.Generator  # continues from the rollout into the step draws and prompt masks
+    masks: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, P+C] bool prompt masks
+    olds: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, C] old log-probs
+    refs: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, C] reference log-probs or None
 
 
 def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
@@ -177,7 +275,10 @@ def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
 
 def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(
+        cpu=not torch.cuda.is_available(), log_with=check_trackers(cfg.report_to),
+        project_dir=str(Path(cfg.output_dir) / cfg.name),
+    )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world:
         raise AgrpoError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {world} processes")
@@ -189,10 +290,15 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         run_dir = Path(cfg.output_dir) / cfg.name
     task = get_task(cfg.task, held_out=cfg.exclude_file or cfg.eval_data or None)
     check_model_fits(task, cfg.model)
+    recorder = RewardRecorder(task)
+    # the data first: the planned length (epochs x rows) shapes the schedule, and a bad file fails fast
+    train_pool = task.train_examples(cfg.train_pool, seed=cfg.seed, path=cfg.train_data or None)
+    max_steps = planned_steps(cfg, len(train_pool))
     lora = asdict(cfg.lora) if cfg.lora.r > 0 else None
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit,
         attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
+        mask_token_id=cfg.mask_token_id,
     )
     shift_logits = shift_logits_of(model, cfg.shift_logits)
     policy = Policy(model, shift_logits=shift_logits).to(device)
@@ -206,31 +312,43 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
 
         else:
             ref_logits_fn = Policy(frozen_copy(model), shift_logits=shift_logits).to(device)
+    resume_from = latest_checkpoint(run_dir) if cfg.resume else None
+    if resume_from is not None:  # the weights go in whole, before accelerate shards them
+        load_checkpoint(resume_from, model)
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, max_steps * cfg.inner_steps))
+    if accelerator.gradient_accumulation_steps != 1:
+        raise AgrpoError(
+            "set gradient_accumulation_steps to 1 in the accelerate config: every batch is one optimizer step "
+            "(use rollout_batch_size and max_rows_per_forward to bound memory)"
+        )
     policy, optimizer = accelerator.prepare(policy, optimizer)
     core = unwrap(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaces them with shards
+    syncs = GradSyncCounter(policy)
 
     start_step, counters = 0, {"skipped_steps": 0, "wall_s": 0.0}
-    if cfg.resume and latest_checkpoint(run_dir) is not None:
-        state = load_checkpoint(latest_checkpoint(run_dir), core.model, optimizer, scheduler)
+    if resume_from is not None:
+        state = load_training_state(resume_from, optimizer, scheduler, optimizer_loader(accelerator, policy, optimizer))
         start_step = int(state["step"])
         counters.update(state.get("counters", {}))
     log = RunLog(run_dir, resume=cfg.resume) if accelerator.is_main_process else None
     if log is not None:
         log.truncate_after(start_step if start_step > 0 else -1)
         save_resolved_config(run_dir, config_to_dict(cfg))
+        samples_path = open_samples(run_dir, start_step if start_step > 0 else -1)
+    accelerator.init_trackers(cfg.name, config=flat_config(config_to_dict(cfg)))
 
-    train_pool = task.train_examples(cfg.train_pool, seed=cfg.seed, path=cfg.train_data or None)
     eval_set = task.eval_examples(cfg.eval_size, path=cfg.eval_data or None)
     my_eval = eval_set[rank::world]
 
     def run_eval() -> float:
-        res = evaluate(policy, tokenizer, task, my_eval, cfg.eval_sampling, chat_template=cfg.chat_template)
+        with collective_free(accelerator, policy) as sampler:
+            res = evaluate(sampler, tokenizer, task, my_eval, cfg.eval_sampling, chat_template=cfg.chat_template)
         total = torch.tensor([sum(res["scores"]), len(res["scores"])], dtype=torch.float64, device=device)
         total = accelerator.reduce(total, reduction="sum")
         return float(total[0] / total[1])
@@ -246,114 +364,120 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     last_accuracy = base_accuracy
 
     per_rank = cfg.prompts_per_step // world
+    per_part = cfg.rollout_batch_size // cfg.group_size or per_rank
     bar = None
     if cfg.progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps if cfg.max_steps < 100000 else None, initial=start_step, desc="train", unit="step")
+        bar = tqdm(total=max_steps or None, initial=start_step, desc="train", unit="step")
     step = start_step
     t_origin = time.perf_counter() - counters["wall_s"]
-    while step < cfg.max_steps and not (cfg.time_budget_s and counters["wall_s"] >= cfg.time_budget_s):
-        gen = _step_generator(cfg.seed, step, rank, device)
+    while not _run_over(cfg, max_steps, step, counters["wall_s"]):
         t0 = time.perf_counter()
+        t_rollout, syncs_before = 0.0, syncs.count
 
-        # 1. prompts: this process's share, each repeated group_size times
+        # 1. prompts: this process's share, each repeated group_size times, in micro-batches
         idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-        batch = [train_pool[i] for i in idx for _ in range(cfg.group_size)]
-        prompts = [task.prompt(ex) for ex in batch]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
+        parts = []
+        for first in range(0, per_rank, per_part):
+            gen = _draw_generator(cfg.seed, step, rank * per_rank + first, device)
+            batch = [train_pool[i] for i in idx[first : first + per_part] for _ in range(cfg.group_size)]
+            prompts = [task.prompt(ex) for ex in batch]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
 
-        # 2. rollouts
-        core.eval()
-        rollout = generate(policy, prompt_ids, prompt_mask, cfg.sampling, gen)
-        core.train()
-        t_rollout = time.perf_counter() - t0
+            # 2. rollouts
+            t1 = time.perf_counter()
+            core.eval()
+            with collective_free(accelerator, policy) as sampler:
+                rollout = generate(sampler, prompt_ids, prompt_mask, cfg.sampling, gen)
+            core.train()
+            t_rollout += time.perf_counter() - t1
 
-        # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
-        completions = decode_completions(tokenizer, rollout.completion, core.eos_id)
-        columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
-        rewards = list(task.reward(prompts, completions, **columns))
-        if len(rewards) != len(completions):
-            raise AgrpoError(
-                f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
-                f"return one float (or None) per completion"
-            )
-        advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
-        advantages, valid = advantages.to(device), valid.to(device)
+            # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
+            completions = decode_completions(tokenizer, rollout.completion, rollout.stop_ids)
+            columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
+            rewards = list(task.reward(prompts, completions, **columns))
+            if len(rewards) != len(completions):
+                raise AgrpoError(
+                    f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
+                    f"return one float (or None) per completion"
+                )
+            advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
+            parts.append(_Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
 
-        # 4. loss over sampled denoising steps -> optimizer step(s)
+        # 4. loss over sampled denoising steps -> one optimizer step per inner step, whatever the
+        #    number of micro-batches, chunks and processes (agrpo/distributed.py)
         if cfg.objective == "diffu_grpo":
-            masks = [random_prompt_mask(rollout, cfg.prompt_mask_p, gen) for _ in range(cfg.inner_steps)]
-            with torch.no_grad():
-                olds = [mean_field_logp(policy, rollout, m) for m in masks]
-                refs = [None] * len(masks)
-                if cfg.beta > 0:
-                    refs = [mean_field_logp(ref_logits_fn, rollout, m) for m in masks]
+            for part in parts:
+                part.masks = [random_prompt_mask(part.rollout, cfg.prompt_mask_p, part.generator) for _ in range(cfg.inner_steps)]
+                with torch.no_grad():
+                    part.olds = [mean_field_logp(policy, part.rollout, m) for m in part.masks]
+                    part.refs = [mean_field_logp(ref_logits_fn, part.rollout, m) if cfg.beta > 0 else None for m in part.masks]
+        backward = _agrpo_backward if cfg.objective == "agrpo" else _diffu_grpo_backward
         for inner in range(cfg.inner_steps):
             optimizer.zero_grad(set_to_none=True)
-            if cfg.objective == "agrpo":
-                _, metrics = agrpo_loss(
-                    policy, rollout, advantages,
-                    num_samples=cfg.num_samples, step_sampling=cfg.step_sampling, importance=cfg.importance,
-                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ref_logits_fn,
-                    normalization=cfg.normalization, row_valid=valid, eos_steps=cfg.eos_steps,
-                    max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, generator=gen,
-                )
-            else:
-                loss, metrics = diffu_grpo_loss(
-                    policy, rollout, advantages, masks[inner], olds[inner],
-                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=refs[inner],
-                    normalization=cfg.normalization, row_valid=valid, eos_steps=cfg.eos_steps,
-                )
-                accelerator.backward(loss)
+            metrics = backward(cfg, accelerator, policy, parts, inner, ref_logits_fn)
             grad_norm = _grad_norm(params, cfg.grad_clip, accelerator)
             if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
-                scheduler.step()
-            else:  # a non-finite loss or gradient: leave the weights as they were
+                scheduler.step()  # once per optimizer step: warmup and decay count updates
+            else:  # a non-finite loss or gradient (the same on every process): leave the weights as they were
                 optimizer.zero_grad(set_to_none=True)
                 counters["skipped_steps"] += 1
         step += 1
-        dt = time.perf_counter() - t0
+        # the time budget must stop every process at the same step: they share one clock
+        dt = reduce_sum(accelerator, {"dt": time.perf_counter() - t0})["dt"] / world
         counters["wall_s"] += dt
 
         # 5. log
+        rewards = [x for part in parts for x in part.rewards]
         r = torch.tensor([x if x is not None else float("nan") for x in rewards], dtype=torch.float64, device=device)
-        r = accelerator.gather(r)
-        r = r[~torch.isnan(r)]
+        all_r = accelerator.gather(r)  # whole groups per process: group g is rows g*G .. g*G+G-1
+        calls = recorder.take()
+        summed = reduce_sum(accelerator, step_sums(task, calls, [p.rollout for p in parts]))
+        r = all_r[~torch.isnan(all_r)]
         line = {
             "step": step,
             "reward_mean": float(r.mean()) if r.numel() else float("nan"),
             "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+            **step_means(summed, all_r, cfg.group_size),
             "loss": metrics["loss"],
             "clip_frac": metrics["clip_frac"],
             "kl": metrics["kl"],
             "grad_norm": grad_norm,
             "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": rollout.completion.numel() * world / max(t_rollout, 1e-9),
+            "tokens_per_s": sum(p.rollout.completion.numel() for p in parts) * world / max(t_rollout, 1e-9),
             "step_s": dt,
             "skipped_steps": counters["skipped_steps"],
             "wall_s": counters["wall_s"],
         }
-        final = step >= cfg.max_steps or (cfg.time_budget_s and counters["wall_s"] >= cfg.time_budget_s)
+        if syncs.active:
+            line["grad_syncs"] = syncs.count - syncs_before
+        final = _run_over(cfg, max_steps, step, counters["wall_s"])
         if (cfg.eval_every and step % cfg.eval_every == 0) or final:
             last_accuracy = run_eval()
             line["eval_accuracy"] = last_accuracy
         if log is not None:
             log.log(step, line)
+            if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+                append_jsonl(samples_path, samples_of(step, calls, SAMPLES_PER_LOG))
+        accelerator.log({k: v for k, v in line.items() if k != "step"}, step=step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{line['reward_mean']:.3f}", acc=f"{last_accuracy:.3f}", refresh=False)
         if (cfg.save_every and step % cfg.save_every == 0) or final:
             accelerator.wait_for_everyone()
+            weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
             if accelerator.is_main_process:
                 save_checkpoint(
                     run_dir, step, core.model, optimizer, scheduler,
-                    extra={"counters": counters}, keep_last=cfg.keep_checkpoints, tokenizer=tokenizer,
+                    extra={"counters": counters}, keep_last=cfg.keep_checkpoints or None, tokenizer=tokenizer,
+                    model_state=weights, optimizer_state=optimizer_state,
                 )
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
+    accelerator.end_training()
 
     summary = {
         "base_accuracy": base_accuracy,
@@ -366,11 +490,72 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         "task": cfg.task,
         "seed": cfg.seed,
         "excluded_problems": len(task.excluded),
+        "planned_steps": max_steps,
+        "train_rows": len(train_pool),
+        "eval_problems": len(eval_set),
     }
     if accelerator.is_main_process:
         write_summary(run_dir, summary)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return summary
+
+
+def _agrpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:
+    """Back-propagate the AGRPO loss of every micro-batch with one gradient sync -> global metrics."""
+    plans = [
+        plan_steps(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid, p.generator, cfg.eos_steps)
+        for p in parts
+    ]
+    chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
+    total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
+    count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
+    sync = OneSync(accelerator, policy, count)
+    pieces = [(p, plan.normalized(total, accelerator.num_processes)) for p, plan, n in zip(parts, plans, chunks) if n]
+    pieces += [(parts[-1], padding_plan(parts[-1].rollout))] * (count - sum(chunks))
+    sums = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
+    for part, plan in pieces:
+        _, m = agrpo_loss(
+            policy, part.rollout, part.advantages, plan=plan,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ref_logits_fn,
+            max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
+        )
+        _add_piece(sums, m)
+    sync.check()
+    return _global_metrics(accelerator, sums)
+
+
+def _diffu_grpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:
+    """Back-propagate the diffu-GRPO loss of every micro-batch with one gradient sync -> global metrics."""
+    local = sum(loss_count(p.rollout, cfg.normalization, p.valid, cfg.eos_steps) for p in parts)
+    total, _ = totals(accelerator, local, len(parts))  # every process has as many micro-batches
+    sync = OneSync(accelerator, policy, len(parts))
+    sums = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
+    for p in parts:
+        with sync.piece():
+            loss, m = diffu_grpo_loss(
+                policy, p.rollout, p.advantages, p.masks[inner], p.olds[inner],
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=p.refs[inner],
+                normalization=cfg.normalization, row_valid=p.valid, eos_steps=cfg.eos_steps, denominator=total,
+            )
+            # processes average their gradients: scale so that the average is the global sum / total
+            accelerator.backward(loss * accelerator.num_processes)
+        _add_piece(sums, {**m, "loss": m["loss"] * accelerator.num_processes})
+    sync.check()
+    return _global_metrics(accelerator, sums)
+
+
+def _add_piece(sums: dict, metrics: dict) -> None:
+    tokens = metrics["loss_tokens"]
+    sums["loss"] += metrics["loss"]
+    sums["tokens"] += tokens
+    sums["clipped"] += metrics["clip_frac"] * max(tokens, 1)
+    sums["kl_sum"] += metrics["kl"] * max(tokens, 1)
+
+
+def _global_metrics(accelerator, sums: dict) -> dict:
+    g = reduce_sum(accelerator, sums)
+    tokens = max(g["tokens"], 1.0)
+    return {"loss": g["loss"] / accelerator.num_processes, "clip_frac": g["clipped"] / tokens, "kl": g["kl_sum"] / tokens}
 
 
 def _grad_norm(params, clip: float, accelerator: Accelerator) -> float:

@@ -1,0 +1,153 @@
+"""One process of the multi-process tests in tests/test_distributed.py: the RL recipe, observed.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SPEC.json   # or `python ...`: 1 process
+
+SPEC (JSON): {"overrides": ["key=value", ...], "out": dir, "backend": "ddp" | "fsdp",
+              "kill_after": a checkpointed step to die at (or null), "deadline_s": exit 99 after this long}
+
+The task's reward returns None for the last prompt of every step's global batch and for the
+first completion of the prompt before it: with two processes both land on the second one,
+which then has fewer rows (and loss chunks) than the first.
+Writes <out>/rank<r>.pt: per optimizer step the flat parameters and the numbers of backward
+calls and gradient reduce-scatters this process made; over the run, the numbers of rows that
+stopped early and of rows kept (reward not None).
+"""
+
+import datetime
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+
+def _accelerator(backend: str, deadline_s: float):
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    # a collective that finds no partner fails after this long instead of waiting for ever
+    patience = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=deadline_s / 2))]
+    if backend != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Accelerator(cpu=True, kwargs_handlers=patience)
+    # each decoder layer its own unit, as configs/accelerate/fsdp.yaml does for LLaDA's blocks
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
+    )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, kwargs_handlers=patience)
+    # accelerate enables FSDP for GPU process groups only; torch's FSDP2 itself runs on gloo.
+    # AcceleratorState copies PartialState's fields again on later look-ups: set both.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def _none_rewards(rl, task, cfg):
+    """Wrap the task's reward: None where the docstring above says, the real reward elsewhere."""
+    pool = task.train_examples(cfg.train_pool, seed=cfg.seed, path=cfg.train_data or None)
+    all_none, first_none = set(), set()
+    for step in range(cfg.max_steps):
+        idx = rl._batch_indices(len(pool), cfg.prompts_per_step, step, cfg.seed)
+        all_none.add(task.prompt(pool[idx[-1]]))
+        first_none.add(task.prompt(pool[idx[-2]]))
+    real = task.reward
+
+    def reward(prompts, completions, **columns):
+        out = list(real(prompts, completions, **columns))
+        for i, prompt in enumerate(prompts):
+            starts_group = i % cfg.group_size == 0
+            if prompt in all_none or (prompt in first_none and starts_group):
+                out[i] = None
+        return out
+
+    task.reward = reward
+    return task
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    from agrpo.config import load_config
+    from agrpo.recipes import rl
+
+    # torchrun starts each process in a session of its own: a test that gives up on the launch
+    # cannot reach them, so they end themselves
+    watchdog = threading.Timer(spec["deadline_s"], lambda: os._exit(99))
+    watchdog.daemon = True
+    watchdog.start()
+    cfg = load_config(rl.RLConfig, None, spec["overrides"])
+    accelerator = _accelerator(spec["backend"], spec["deadline_s"])
+    rank = accelerator.process_index
+    record = {"params": [], "backwards": [], "reduce_scatters": []}
+    calls = {"backward": 0, "reduce_scatter": 0}
+
+    real_backward = accelerator.backward
+
+    def backward(loss, **kw):
+        calls["backward"] += 1
+        return real_backward(loss, **kw)
+
+    accelerator.backward = backward
+
+    real_rs = torch.distributed.reduce_scatter_single
+
+    def reduce_scatter(*a, **kw):
+        calls["reduce_scatter"] += 1
+        return real_rs(*a, **kw)
+
+    torch.distributed.reduce_scatter_single = reduce_scatter
+
+    real_step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def scheduler_step(self, *a, **kw):
+        real_step(self, *a, **kw)
+        if self._step_count > 1:  # the constructor's own call is not an optimizer step
+            flat = [p.full_tensor() if hasattr(p, "full_tensor") else p for g in self.optimizer.param_groups for p in g["params"]]
+            record["params"].append(torch.cat([p.detach().flatten().double() for p in flat]))
+            record["backwards"].append(calls["backward"])
+            record["reduce_scatters"].append(calls["reduce_scatter"])
+            calls["backward"] = calls["reduce_scatter"] = 0
+
+    torch.optim.lr_scheduler.LambdaLR.step = scheduler_step
+
+    real_generate = rl.generate
+
+    def generate(*a, **kw):
+        rollout = real_generate(*a, **kw)
+        record["early_stopped"] = record.get("early_stopped", 0) + int((~rollout.sampled).any(1).sum())
+        return rollout
+
+    rl.generate = generate
+
+    real_advantages = rl.group_advantages
+
+    def group_advantages(*a, **kw):
+        advantages, valid = real_advantages(*a, **kw)
+        record["kept_rows"] = record.get("kept_rows", 0) + int(valid.sum())
+        return advantages, valid
+
+    rl.group_advantages = group_advantages
+
+    real_get_task = rl.get_task
+    rl.get_task = lambda *a, **kw: _none_rewards(rl, real_get_task(*a, **kw), cfg)
+
+    if spec.get("kill_after") is not None:
+        real_save = rl.save_checkpoint
+
+        def save_then_die(run_dir, step, *a, **kw):
+            path = real_save(run_dir, step, *a, **kw)
+            if step == spec["kill_after"]:
+                os._exit(17)
+            return path
+
+        rl.save_checkpoint = save_then_die
+
+    summary = rl.train(cfg, accelerator)
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    torch.save(record, Path(spec["out"]) / f"rank{rank}.pt")
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
