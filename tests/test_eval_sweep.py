@@ -181,9 +181,15 @@ def test_an_impossible_setting_is_one_line_before_any_model_loads(monkeypatch, c
         raise AssertionError("a model was loaded before the sweep was checked")
 
     monkeypatch.setattr(recipe, "load_model_and_tokenizer", no_loading)
-    assert main(["eval", "gen_length=16,32", "steps=8,32", "eval_size=4"]) == 2
+    assert main(["eval", "gen_length=16", "steps=32,64", "eval_size=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gen_length=16 block_length=16 steps=32" in err[0] and "1 of the 4" in err[0]
+    assert len(err) == 1 and "gen_length=16 block_length=16 steps=32" in err[0] and "none of the 2" in err[0]
+    # the paper's cross product holds impossible pairs: they are left out, the rest runs
+    cfg = load_config(EvalConfig, None, ["task=countdown", "gen_length=128,256,512", "steps=64,128,256"])
+    with pytest.warns(UserWarning, match="1 of the 9 settings cannot run and are left out: gen_length=128 steps=256"):
+        kept = sweep_settings(cfg, character_level=False)
+    assert [(s.gen_length, s.steps) for s in kept] == [
+        (128, 64), (128, 128), (256, 64), (256, 128), (256, 256), (512, 64), (512, 128), (512, 256)]
     assert main(["eval", "steps=8,x"]) == 2
     assert "'x' is not an integer" in capsys.readouterr().err
     with pytest.raises(AgrpoError, match="output="):

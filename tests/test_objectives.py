@@ -120,14 +120,28 @@ def _coords(grads):
     return torch.cat([grads[0][:6].flatten(), grads[1][:2, :2].flatten()])
 
 
-def _estimates(policy, ro, n, **kw):
-    params = _grad_params(policy.model)
+def _estimates(policy, ro, n, adv=ADV, params=None, **kw):
+    """n independent K = 2 estimates: (loss values [n], gradient coordinates [n, 10])."""
+    params = params if params is not None else _grad_params(policy.model)
     vals, grads = [], []
     for i in range(n):
-        loss, _ = agrpo_loss(policy, ro, ADV, num_samples=2, generator=torch.Generator().manual_seed(1000 + i), **kw)
+        loss, _ = agrpo_loss(policy, ro, adv, num_samples=2, generator=torch.Generator().manual_seed(1000 + i), **kw)
         vals.append(float(loss.detach()))
         grads.append(_coords(torch.autograd.grad(loss, params)).double())
     return np.array(vals), torch.stack(grads).numpy()
+
+
+def _assert_unbiased(vals, grads, exact, exact_grad, check_value=True):
+    n = len(vals)
+    # mean of n iid estimates: |mean - E| / (sd / sqrt n) is ~N(0, 1); 4.5 sigma = 7e-6 false-alarm rate
+    se = vals.std(ddof=1) / math.sqrt(n)
+    assert se > 0
+    if check_value:
+        assert abs(vals.mean() - float(exact.detach())) < 4.5 * se
+    gse = grads.std(0, ddof=1) / math.sqrt(n)
+    assert (gse > 0).all()
+    # max over 10 coordinates of a standard normal: 5 sigma keeps the family-wise false alarm < 1e-5
+    assert (np.abs(grads.mean(0) - exact_grad) / gse).max() < 5
 
 
 # -- (8b) K = 2 < T_eff: unbiased for every step sampler ------------------------------------------
@@ -146,16 +160,8 @@ def test_small_k_estimates_are_unbiased(sampling, importance, beta):
     kw = dict(step_sampling=sampling, importance=importance, beta=beta)
     if beta > 0:
         kw["ref_logits_fn"] = Policy(ref)
-    n = 250
-    vals, grads = _estimates(Policy(cur), ro, n, **kw)
-    # mean of n iid estimates: |mean - E| / (sd / sqrt n) is ~N(0, 1); 4.5 sigma = 7e-6 false-alarm rate
-    se = vals.std(ddof=1) / math.sqrt(n)
-    assert se > 0
-    assert abs(vals.mean() - float(exact.detach())) < 4.5 * se
-    gse = grads.std(0, ddof=1) / math.sqrt(n)
-    assert (gse > 0).all()
-    # max over 10 coordinates of a standard normal: 5 sigma keeps the family-wise false alarm < 1e-5
-    assert (np.abs(grads.mean(0) - exact_grad) / gse).max() < 5
+    vals, grads = _estimates(Policy(cur), ro, 250, **kw)
+    _assert_unbiased(vals, grads, exact, exact_grad)
 
 
 def test_reference_model_changes_the_loss():
@@ -501,16 +507,6 @@ def test_asymmetric_clip_bounds_are_not_interchangeable():
     assert abs(float(a.detach()) - float(b.detach())) > 1e-3
 
 
-def _mixed_estimates(policy, ro, n, **kw):
-    params = _grad_params(policy.model.inner)
-    vals, grads = [], []
-    for i in range(n):
-        loss, _ = agrpo_loss(policy, ro, MIXED_ADV, num_samples=2, generator=torch.Generator().manual_seed(500 + i), **kw)
-        vals.append(float(loss.detach()))
-        grads.append(_coords(torch.autograd.grad(loss, params)).double())
-    return np.array(vals), torch.stack(grads).numpy()
-
-
 @pytest.mark.parametrize("eos_steps", ["include", "exclude"])
 @pytest.mark.parametrize(
     "sampling,importance",
@@ -522,19 +518,12 @@ def test_small_k_unbiased_on_rows_of_every_length(sampling, importance, eos_step
     cur = RowEos(perturbed(base, seed=8), model.starts, ro.prompt_len)
     exact = exact_sequence(slow_step_losses(cur, ro, MIXED_ADV, eos_steps=eos_steps), ro, eos_steps=eos_steps)
     exact_grad = _coords(torch.autograd.grad(exact, _grad_params(cur.inner))).numpy()
-    n = 250
-    vals, grads = _mixed_estimates(Policy(cur), ro, n, step_sampling=sampling, importance=importance,
-                                   eos_steps=eos_steps)
-    se = vals.std(ddof=1) / math.sqrt(n)
-    assert se > 0
-    if importance == "none" or eos_steps == "exclude":
-        # With include, the steps that commit forced EOS (entropy ~1e-7) get q ~ 2e-4 and weight ~1e3:
-        # the loss VALUE stays unbiased (the plan and frequency tests prove both halves) but its
-        # tail is beyond 250 draws. The gradient there is ~0 (p = 1), so the gradient check stands.
-        assert abs(vals.mean() - float(exact.detach())) < 4.5 * se
-    gse = grads.std(0, ddof=1) / math.sqrt(n)
-    assert (gse > 0).all()
-    assert (np.abs(grads.mean(0) - exact_grad) / gse).max() < 5
+    vals, grads = _estimates(Policy(cur), ro, 250, adv=MIXED_ADV, params=_grad_params(cur.inner),
+                             step_sampling=sampling, importance=importance, eos_steps=eos_steps)
+    # With include, the steps that commit forced EOS (entropy ~1e-7) get q ~ 2e-4 and weight ~1e3:
+    # the loss VALUE stays unbiased (the plan and frequency tests prove both halves) but its
+    # tail is beyond 250 draws. The gradient there is ~0 (p = 1), so the gradient check stands.
+    _assert_unbiased(vals, grads, exact, exact_grad, check_value=importance == "none" or eos_steps == "exclude")
 
 
 def _rollout_with_horizons(t_effs, steps=6, gen=12):

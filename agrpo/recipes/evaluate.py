@@ -113,7 +113,9 @@ def _values(cfg: EvalConfig, name: str) -> list[int] | None:
 
 
 def sweep_settings(cfg: EvalConfig, character_level: bool) -> list[SamplingConfig]:
-    """Every setting of the sweep, each checked; the first impossible one is one AgrpoError line."""
+    """Every possible setting of the sweep. A cross product can hold impossible pairs (the paper's
+    `gen_length=128,256,512 steps=64,128,256` asks 128 tokens for 256 steps): those are left out
+    with one warning; when none is possible, the first is one AgrpoError line."""
     defaults = paper_eval_sampling()
     settings = []
     for gen_length in _values(cfg, "gen_length") or [_default(cfg, defaults, "gen_length", None, character_level)]:
@@ -129,14 +131,19 @@ def sweep_settings(cfg: EvalConfig, character_level: bool) -> list[SamplingConfi
             s.validate()
         except AgrpoError as err:
             bad.append((s, err))
-    if bad:
+    if len(bad) == len(settings):
         s, err = bad[0]
-        more = f" ({len(bad)} of the {len(settings)} settings are impossible)" if len(settings) > 1 else ""
+        more = f" (none of the {len(settings)} settings can run)" if len(settings) > 1 else ""
         raise AgrpoError(
             f"gen_length={s.gen_length} block_length={s.block_length} steps={s.steps} cannot run{more}: {err}; "
-            "drop those values or sweep them in separate calls"
+            "change those values"
         )
-    return settings
+    if bad:
+        import warnings
+
+        left_out = ", ".join(f"gen_length={s.gen_length} steps={s.steps}" for s, _ in bad)
+        warnings.warn(f"{len(bad)} of the {len(settings)} settings cannot run and are left out: {left_out}", stacklevel=2)
+    return [s for s in settings if all(s is not b for b, _ in bad)]
 
 
 def _default(cfg: EvalConfig, defaults: SamplingConfig, name: str, gen_length: int | None, character_level: bool) -> int:

@@ -559,9 +559,7 @@ def _global_metrics(accelerator, sums: dict) -> dict:
 
 
 def _grad_norm(params, clip: float, accelerator: Accelerator) -> float:
-    if clip and clip > 0:
-        norm = accelerator.clip_grad_norm_(params, clip)
-    else:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-    return float(norm)
+    """The global gradient norm (over every process and shard), clipped to `clip` when it is > 0."""
+    # max_norm = inf measures without clipping; accelerate computes it over FSDP shards and DeepSpeed too
+    norm = accelerator.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+    return float(norm) if norm is not None else float("nan")
