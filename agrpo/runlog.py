@@ -139,6 +139,27 @@ def _has_lines(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
+def _started(run_dir: Path) -> bool:
+    return _has_lines(run_dir / METRICS) or any((run_dir / "checkpoints").glob("step_*"))
+
+
+def resolve_run_name(output_dir: str | os.PathLike, name: str, derived: str, resume: bool) -> str:
+    """`name` when given; else `derived` (task, objective, seed), numbered -2, -3, ... past the runs
+    of that name that already started, so that the next run never collides with the last one.
+    With `resume` and no name: the newest of them."""
+    if name:
+        return name
+    root = Path(output_dir)
+    started, n = [], 1
+    while True:
+        candidate = derived if n == 1 else f"{derived}-{n}"
+        if not _started(root / candidate):
+            break
+        started.append(candidate)
+        n += 1
+    return started[-1] if resume and started else candidate
+
+
 def make_run_dir(output_dir: str | os.PathLike, name: str, resume: bool) -> Path:
     """Create `output_dir/name`, refusing to overwrite a run that already logged metrics."""
     if not name or not str(name).strip():
@@ -146,8 +167,7 @@ def make_run_dir(output_dir: str | os.PathLike, name: str, resume: bool) -> Path
     run_dir = Path(output_dir) / name
     if run_dir.exists() and not run_dir.is_dir():
         raise AgrpoError(f"{run_dir} is a file, not a run directory: pass another name=... or output_dir=...")
-    started = _has_lines(run_dir / METRICS) or any((run_dir / "checkpoints").glob("step_*"))
-    if started and not resume:
+    if _started(run_dir) and not resume:
         raise AgrpoError(f"{run_dir} exists: pass resume=true to continue it or name=... for a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

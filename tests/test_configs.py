@@ -29,7 +29,8 @@ def test_preset_loads(path):
     assert match, f"{path.name} must start with the command that runs it"
     assert match.group(2) == path.relative_to(CONFIGS).as_posix()
     cfg = load_config(RECIPES[match.group(1)], str(path))
-    assert cfg.name
+    # paper presets name their run after model and task; the tiny ones leave it to the derived name
+    assert bool(cfg.name) == ("/" in match.group(2) or match.group(1) == "sft")
 
 
 @pytest.mark.parametrize("cls", list(RECIPES.values()))

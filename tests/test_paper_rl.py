@@ -111,7 +111,7 @@ def test_rl_steps_on_a_paper_task(nl_model, tmp_path, monkeypatch, name):
     assert seen["prompts"][0][0] in [task.prompt(r) for r in rows]
     assert seen["text"].startswith("<|system|>\n" + task.system_prompt[:40]) and seen["text"].endswith("<|assistant|>\n")
     # the reward sees the task's prompts and columns; the log holds the mean of what it returned
-    lines = [json.loads(line) for line in (tmp_path / "sudoku-agrpo" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / f"{name}-agrpo" / "metrics.jsonl").read_text().splitlines()]
     logged = [line["reward_mean"] for line in lines if "reward_mean" in line]
     assert len(seen["rewards"]) == 2 and len(logged) == 2
     for (prompts, completions, columns, values), mean in zip(seen["rewards"], logged):

@@ -105,7 +105,8 @@ def test_preset_runs(path, fixture_models, tmp_path):
     torch.manual_seed(0)
     summary = rl.train(cfg)
     assert summary["steps"] == 2 and summary["planned_steps"] == 2 and summary["skipped_steps"] == 0
-    run = tmp_path / cfg.name
+    run = Path(summary["run_dir"])
+    assert run.parent == tmp_path
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1, 2]
     # the evaluation ran at the start and at the end, on the test file when the preset names one

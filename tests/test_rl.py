@@ -163,3 +163,54 @@ def test_mask_token_id_setting_serves_a_model_that_names_none(tiny_dir, tmp_path
         rl.train(small(str(bare), tmp_path / "a", name="a", max_steps=1))
     summary = rl.train(small(str(bare), tmp_path / "b", name="b", max_steps=1, mask_token_id=mask))
     assert summary["steps"] == 1
+
+
+def test_resuming_a_finished_run_says_why_and_changes_nothing(tiny_dir, tmp_path):
+    from agrpo.errors import AgrpoError
+
+    done = rl.train(small(tiny_dir, tmp_path, name="done", max_steps=3))
+    run = tmp_path / "done"
+    before = (run / "summary.json").read_text(), (run / "metrics.jsonl").read_text()
+    with pytest.raises(AgrpoError, match="already ran its 3 planned steps: pass a larger max_steps"):
+        rl.train(small(tiny_dir, tmp_path, name="done", max_steps=3, resume=True))
+    assert ((run / "summary.json").read_text(), (run / "metrics.jsonl").read_text()) == before
+    # more steps: the summary's final accuracy is measured on the final weights, the base one kept
+    more = rl.train(small(tiny_dir, tmp_path, name="done", max_steps=4, resume=True))
+    last_eval = [line for line in read(run) if "eval_accuracy" in line][-1]
+    assert more["steps"] == 4 and last_eval["step"] == 4 and more["final_accuracy"] == last_eval["eval_accuracy"]
+    assert more["base_accuracy"] == done["base_accuracy"]
+
+
+def test_resuming_a_run_whose_budget_is_spent_says_so(tiny_dir, tmp_path):
+    from agrpo.errors import AgrpoError
+
+    first = rl.train(small(tiny_dir, tmp_path, name="budget", time_budget_s=1e-6, max_steps=0))
+    assert first["steps"] == 1
+    with pytest.raises(AgrpoError, match="already spent its time budget .*pass a larger time_budget_s"):
+        rl.train(small(tiny_dir, tmp_path, name="budget", time_budget_s=1e-6, max_steps=0, resume=True))
+    resumed = rl.train(small(tiny_dir, tmp_path, name="budget", time_budget_s=0, max_steps=2, resume=True))
+    assert resumed["steps"] == 2 and resumed["final_accuracy"] is not None
+
+
+def test_runs_without_a_name_get_distinct_names_and_a_bad_task_leaves_no_folder(tiny_dir, tmp_path):
+    from agrpo.errors import AgrpoError
+
+    base = dict(max_steps=1, name="")
+    first = small(tiny_dir, tmp_path, **base)
+    rl.train(first)
+    rl.train(small(tiny_dir, tmp_path, **base))
+    rl.train(small(tiny_dir, tmp_path, seed=1, **base))
+    rl.train(small(tiny_dir, tmp_path, objective="diffu_grpo", **base))
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made == ["tiny-sudoku-agrpo", "tiny-sudoku-agrpo-2", "tiny-sudoku-agrpo-seed1", "tiny-sudoku-diffu-grpo"]
+    # resume=true without a name continues the newest run of its kind
+    resumed = rl.train(small(tiny_dir, tmp_path, resume=True, **{**base, "max_steps": 2}))
+    assert resumed["steps"] == 2 and len(read(tmp_path / "tiny-sudoku-agrpo-2")) == 3
+    with pytest.raises(AgrpoError, match="unknown task"):
+        rl.train(small(tiny_dir, tmp_path, task="no-such-task", **base))
+    with pytest.raises(AgrpoError, match="does not exist"):
+        rl.train(small(tiny_dir, tmp_path, model=str(tmp_path / "missing" / "model"), **base))
+    assert sorted(p.name for p in tmp_path.iterdir()) == made  # no empty folder left behind
+    # a name given explicitly is never renumbered
+    with pytest.raises(AgrpoError, match="exists: pass resume=true"):
+        rl.train(small(tiny_dir, tmp_path, max_steps=1, name="tiny-sudoku-agrpo"))

@@ -75,7 +75,7 @@ def test_terms_sum_to_the_logged_reward_on_a_paper_task(nl_model, tmp_path):  # 
             "sampling.steps=4", "eval_sampling.gen_length=8", "eval_sampling.block_length=8", "eval_sampling.steps=4",
             "log_samples_every=2"]
     rl.train(load_config(rl.RLConfig, None, over))
-    run = tmp_path / "sudoku-agrpo"
+    run = tmp_path / "countdown-agrpo"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("eval_accuracy" in line for line in lines)  # eval_every=1 on the test file
     for line in lines[1:]:

@@ -1,7 +1,7 @@
 """Held-out accuracy of one or more models on a task, over a sweep of decoding settings.
 
     agrpo eval                                             # shipped tiny Sudoku base, 16 tokens
-    agrpo eval model=runs/sudoku-agrpo steps=4,8,16        # three step counts, one call
+    agrpo eval model=runs/tiny-sudoku-agrpo steps=4,8,16        # three step counts, one call
     agrpo eval task=countdown model=runs/cd,GSAI-ML/LLaDA-8B-Instruct data=countdown_cd3_test.jsonl \\
         chat_template=true steps=64,128,256                # the paper's "4x fewer steps" table
     accelerate launch -m agrpo.cli eval ...                # the same, sharded over every process

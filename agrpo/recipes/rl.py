@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +43,9 @@ from agrpo.objectives import agrpo_loss, diffu_grpo_loss, group_advantages, mean
 from agrpo.objectives.agrpo import padding_plan, plan_steps
 from agrpo.objectives.diffu_grpo import loss_count
 from agrpo.policy import Policy, unwrap
-from agrpo.runlog import RunLog, append_jsonl, make_run_dir, plot_curves, save_resolved_config, write_summary
+from agrpo.runlog import (
+    RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, save_resolved_config, write_summary,
+)
 from agrpo.sampling import Rollout, SamplingConfig, generate, paper_eval_sampling
 from agrpo.step_metrics import (
     RewardRecorder, check_trackers, flat_config, open_samples, samples_of, step_means, step_sums,
@@ -73,7 +75,10 @@ class LoraConfig:
 @dataclass
 class RLConfig:
     # run
-    name: str = field(default="sudoku-agrpo", metadata={"help": "run name: outputs go to <output_dir>/<name>/"})
+    name: str = field(
+        default="",
+        metadata={"help": "run name: outputs go to <output_dir>/<name>/; empty: <task>-<objective>[-seed<N>], numbered -2, -3, ... past earlier runs (with resume: the newest)"},
+    )
     output_dir: str = field(default="runs", metadata={"help": "folder holding all runs"})
     seed: int = field(default=0, metadata={"help": "seed of data order, rollouts and step draws"})
     resume: bool = field(default=False, metadata={"help": "continue <output_dir>/<name> from its latest checkpoint"})
@@ -275,6 +280,8 @@ def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
 
 def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
+    derived = f"{cfg.task}-{cfg.objective.replace('_', '-')}" + (f"-seed{cfg.seed}" if cfg.seed else "")
+    cfg = replace(cfg, name=resolve_run_name(cfg.output_dir, cfg.name, derived, cfg.resume))
     accelerator = accelerator or Accelerator(
         cpu=not torch.cuda.is_available(), log_with=check_trackers(cfg.report_to),
         project_dir=str(Path(cfg.output_dir) / cfg.name),
@@ -284,10 +291,9 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         raise AgrpoError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the {world} processes")
     torch.manual_seed(cfg.seed)
 
-    run_dir = make_run_dir(cfg.output_dir, cfg.name, cfg.resume) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    if run_dir is None:  # other processes: the main one created it
-        run_dir = Path(cfg.output_dir) / cfg.name
+    # the run directory is created only once the task, the data and the model have loaded: a
+    # mistake there leaves no empty folder behind and is not hidden by a name clash
+    run_dir = Path(cfg.output_dir) / cfg.name
     task = get_task(cfg.task, held_out=cfg.exclude_file or cfg.eval_data or None)
     check_model_fits(task, cfg.model)
     recorder = RewardRecorder(task)
@@ -336,6 +342,19 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         state = load_training_state(resume_from, optimizer, scheduler, optimizer_loader(accelerator, policy, optimizer))
         start_step = int(state["step"])
         counters.update(state.get("counters", {}))
+        # a resumed run that would do no step must say so, not rewrite its summary with old numbers
+        if max_steps and start_step >= max_steps:
+            raise AgrpoError(
+                f"{run_dir} already ran its {start_step} planned steps: pass a larger max_steps (or epochs) to continue"
+            )
+        if cfg.time_budget_s and counters["wall_s"] >= cfg.time_budget_s:
+            raise AgrpoError(
+                f"{run_dir} already spent its time budget ({counters['wall_s']:.0f} s of time_budget_s="
+                f"{cfg.time_budget_s:g}): pass a larger time_budget_s (or 0 for none) to continue"
+            )
+    if accelerator.is_main_process:
+        make_run_dir(cfg.output_dir, cfg.name, cfg.resume)
+    accelerator.wait_for_everyone()
     log = RunLog(run_dir, resume=cfg.resume) if accelerator.is_main_process else None
     if log is not None:
         log.truncate_after(start_step if start_step > 0 else -1)
@@ -361,7 +380,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     else:
         base_accuracy = counters.get("base_accuracy")
     counters["base_accuracy"] = base_accuracy
-    last_accuracy = base_accuracy
+    # the accuracy of the newest weights evaluated, carried through checkpoints
+    last_accuracy = counters.get("last_accuracy", base_accuracy)
 
     per_rank = cfg.prompts_per_step // world
     per_part = cfg.rollout_batch_size // cfg.group_size or per_rank
@@ -455,7 +475,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
             line["grad_syncs"] = syncs.count - syncs_before
         final = _run_over(cfg, max_steps, step, counters["wall_s"])
         if (cfg.eval_every and step % cfg.eval_every == 0) or final:
-            last_accuracy = run_eval()
+            last_accuracy = counters["last_accuracy"] = run_eval()
             line["eval_accuracy"] = last_accuracy
         if log is not None:
             log.log(step, line)
@@ -480,6 +500,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     accelerator.end_training()
 
     summary = {
+        "run_dir": str(run_dir),
         "base_accuracy": base_accuracy,
         "final_accuracy": last_accuracy,
         "steps": step,
