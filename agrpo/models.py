@@ -16,10 +16,12 @@ is asked, so a typo never turns into a download attempt.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -190,6 +192,15 @@ def _lora_targets(model: nn.Module, names: list[str] | None) -> list[str] | None
     return targets
 
 
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a
+    FutureWarning about peft's code, not the user's, printed on every LoRA run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _apply_lora(model: nn.Module, lora: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -207,7 +218,8 @@ def _apply_lora(model: nn.Module, lora: dict) -> nn.Module:
         task_type=None,
     )
     try:
-        return get_peft_model(model, config)
+        with _peft_quietly():
+            return get_peft_model(model, config)
     except ValueError as e:  # e.g. no module matches target_modules
         raise AgrpoError(f"cannot add LoRA adapters: {_first_line(e)}; check lora.target_modules") from e
 
@@ -447,7 +459,8 @@ def _load_adapter(path: Path, lora: dict | None, opts: dict):
         tokenizer = _tokenizer(str(path), opts["trust_remote_code"], base.config)
         tokenizer.padding_side = "left"
     try:
-        model = PeftModel.from_pretrained(base, str(path), is_trainable=lora is not None)
+        with _peft_quietly():
+            model = PeftModel.from_pretrained(base, str(path), is_trainable=lora is not None)
     except (OSError, ValueError, RuntimeError) as e:
         raise AgrpoError(f"cannot load the adapter in {path}: {_first_line(e)}") from e
     return model, tokenizer

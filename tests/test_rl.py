@@ -214,3 +214,18 @@ def test_runs_without_a_name_get_distinct_names_and_a_bad_task_leaves_no_folder(
     # a name given explicitly is never renumbered
     with pytest.raises(AgrpoError, match="exists: pass resume=true"):
         rl.train(small(tiny_dir, tmp_path, max_steps=1, name="tiny-sudoku-agrpo"))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("lora.r=-3", "lora.r must be >= 0"),
+    ("num_samples=40", "num_samples=40 is more than the sampling.steps=16"),
+    ("max_steps=-1", "max_steps must be >= 0"),
+    ("time_budget_s=-5", "time_budget_s must be >= 0"),
+    ("eval_every=-1", "eval_every must be >= 0"),
+    ("warmup_steps=-3", "warmup_steps must be >= 0"),
+    ("keep_checkpoints=-1", "keep_checkpoints must be >= 0"),
+])
+def test_impossible_values_are_one_line(bad, message, capsys):
+    assert main(["train", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

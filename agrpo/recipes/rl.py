@@ -171,6 +171,13 @@ class RLConfig:
         self.eval_sampling.validate()
         if self.sampling.temperature <= 0:
             raise AgrpoError("sampling.temperature must be > 0 for RL (greedy rollouts have no policy gradient)")
+        if self.lora.r < 0:
+            raise AgrpoError(f"lora.r must be >= 0 (0 trains the full model), got {self.lora.r}")
+        if self.objective == "agrpo" and self.num_samples > self.sampling.steps:
+            raise AgrpoError(
+                f"num_samples={self.num_samples} is more than the sampling.steps={self.sampling.steps} denoising steps: "
+                f"num_samples={self.sampling.steps} already scores every step once (step_sampling=stratified)"
+            )
         for name in ("prompts_per_step", "group_size", "num_samples", "inner_steps", "eval_size", "train_pool"):
             if getattr(self, name) < 1:
                 raise AgrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
