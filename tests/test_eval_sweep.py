@@ -248,3 +248,25 @@ def test_two_processes_evaluate_as_one(reference, tmp_path):
     one, two = sorted(_lines(reference), key=key), sorted(_lines(out), key=key)
     assert [(key(r), r["completion"], r["grade"]) for r in two] == [(key(r), r["completion"], r["grade"]) for r in one]
     assert json.loads((out / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
+
+
+def test_the_task_follows_the_model_and_a_mismatch_is_one_line(tmp_path, capsys):
+    from agrpo.tasks import trained_task
+
+    assert trained_task("tiny:countdown") == "tiny-countdown" and trained_task("org/model") is None
+    run = tmp_path / "runs" / "cd"
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: tiny-countdown\nseed: 0\n")
+    assert trained_task(str(run / "checkpoints" / "step_000004")) == "tiny-countdown"
+    assert main(["eval", "model=tiny:countdown", "eval_size=4", "progress=false", f"out={tmp_path / 'e'}"]) == 0
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["task"] == "tiny-countdown"
+    capsys.readouterr()
+    assert main(["eval", "task=tiny-countdown", "eval_size=4", f"out={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiny:sudoku was made for task 'tiny-sudoku', not 'tiny-countdown'" in err[0]
+    countdown_file = tmp_path / "cd.jsonl"
+    countdown_file.write_text('{"input": "1,2,3", "output": "6"}\n')
+    assert main(["eval", f"data={countdown_file}", "eval_size=1", f"out={tmp_path / 'y'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a tiny-sudoku file" in err[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

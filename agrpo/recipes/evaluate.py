@@ -45,7 +45,7 @@ from agrpo.models import TINY_DIR, TINY_PREFIX, load_model_and_tokenizer, shift_
 from agrpo.policy import Policy
 from agrpo.runlog import append_jsonl, plot_sweep, read_jsonl
 from agrpo.sampling import SamplingConfig, paper_eval_sampling
-from agrpo.tasks import check_model_fits, get_task
+from agrpo.tasks import DEFAULT_TASK, check_model_fits, check_task_matches, get_task
 
 RESULTS, GENERATIONS, PLOT = "results.json", "generations.jsonl", "accuracy_vs_steps.png"
 SWEPT = ("gen_length", "block_length", "steps")
@@ -57,7 +57,7 @@ _SWEEP_HELP = "; a comma list sweeps (cross product with the other swept fields)
 @dataclass
 class EvalConfig:
     model: str = field(default="tiny:sudoku", metadata={"help": "tiny:<task>, a saved model/checkpoint/run directory or a hub name; a comma list evaluates each"})
-    task: str = field(default="tiny-sudoku", metadata={"help": "task name (tiny-sudoku, tiny-countdown; gsm8k, math, countdown, sudoku)"})
+    task: str = field(default="", metadata={"help": "task name (tiny-sudoku, tiny-countdown; gsm8k, math, countdown, sudoku); empty: the task the model was made for (tiny:<x>, a run's config.yaml), else tiny-sudoku"})
     data: str = field(default="", metadata={"help": "a test file in the task's public format; empty: the generated held-out set (tiny tasks) or the public test split"})
     eval_size: int = field(default=256, metadata={"help": "problems evaluated (the first N of the set)"})
     batch_size: int = field(default=128, metadata={"help": "problems per sampler call; a process takes whole batches"})
@@ -227,14 +227,20 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
 
     cfg.validate()
     t0 = time.perf_counter()
-    task = get_task(cfg.task)
     models = models_of(cfg)
+    task = get_task(check_task_matches(cfg.task or DEFAULT_TASK, models, given=bool(cfg.task)))
     for model in models:
         check_model_fits(task, model)
     settings = sweep_settings(cfg, task.character_level)
     if cfg.output and len(settings) * len(models) > 1:
         raise AgrpoError(f"output= writes one setting of one model: with a sweep read {GENERATIONS} in out= instead")
-    examples = task.eval_examples(cfg.eval_size, path=cfg.data or None)
+    try:
+        examples = task.eval_examples(cfg.eval_size, path=cfg.data or None)
+    except AgrpoError as err:
+        if cfg.task or not cfg.data:
+            raise
+        raise AgrpoError(f"{err}; this is not a {task.name} file, the task {models[0]} was made for: evaluate a "
+                         "model made for that file's task (and task=)") from None
     # the prompt as JSON sees it: chat messages stay a list, a string stays a string
     prompts = [json.loads(json.dumps(task.prompt(row))) for row in examples]
     out = Path(cfg.out) if cfg.out else default_out(models)

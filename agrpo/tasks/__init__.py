@@ -51,6 +51,48 @@ def load_examples(name: str, path: str | Path) -> list[dict]:
     return get_task(name).load("test", path)
 
 
+def trained_task(model: str) -> str | None:
+    """The task a shipped or trained model was made for, when that is on record: `tiny:<x>` is
+    tiny-<x>; a run, checkpoint or SFT model directory has it in its run's config.yaml."""
+    model = str(model)
+    if model.startswith("tiny:"):
+        name = "tiny-" + model[len("tiny:"):]
+        return name if name in TASKS else None
+    path = Path(model).expanduser()
+    if not path.exists():
+        return None
+    import yaml
+
+    for where in (path, *list(path.parents)[:3]):  # run/, run/model, run/checkpoints/step_N
+        config = where / "config.yaml"
+        if config.is_file():
+            try:
+                task = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("task")
+            except (OSError, yaml.YAMLError, AttributeError):
+                return None
+            return task if task in TASKS else None
+    return None
+
+
+def check_task_matches(task_name: str, models: list[str], given: bool) -> str:
+    """The task to evaluate: `task_name` when given, else the one the models were made for. A tiny
+    (character-level) task and a model made for another task are refused: the dialects differ, so
+    the score would be meaningless. Natural-language models may be evaluated across tasks."""
+    known = {m: trained_task(m) for m in models}
+    if not given:
+        found = {t for t in known.values() if t}
+        if len(found) > 1:
+            raise AgrpoError(f"the models were made for different tasks ({', '.join(sorted(found))}): pass task=")
+        return found.pop() if found else task_name
+    for model, made_for in known.items():
+        if made_for and made_for != task_name and (TASKS[made_for].character_level or TASKS[task_name].character_level):
+            raise AgrpoError(
+                f"{model} was made for task {made_for!r}, not {task_name!r}: pass task={made_for} (or leave task out), "
+                f"or a model made for {task_name}"
+            )
+    return task_name
+
+
 def check_model_fits(task, model: str) -> None:
     """The shipped tiny models read only the tiny tasks' dialect: say so before loading."""
     if str(model).startswith("tiny:") and not task.character_level:
@@ -62,6 +104,7 @@ def check_model_fits(task, model: str) -> None:
 
 __all__ = [
     "DEFAULT_TASK", "TASKS", "CountdownTask", "GSM8KPlatinumTask", "GSM8KTask", "MathTask", "ReasoningTask",
-    "RewardTerm", "SudokuTask", "Task", "TinyCountdownTask", "TinySudokuTask", "check_model_fits", "get",
+    "RewardTerm", "SudokuTask", "Task", "TinyCountdownTask", "TinySudokuTask", "check_model_fits", "check_task_matches",
+    "get", "trained_task",
     "get_task", "load_countdown_jsonl", "load_examples", "load_sudoku_csv",
 ]
