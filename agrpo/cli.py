@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         command = argv[0] if argv else ""
         hint = {
-            "train": "checkpoints already written are intact; resume=true continues from the last one",
             "sft": "checkpoints already written are intact",
             "eval": "finished generations are kept; the same command resumes",
         }.get(command, "")

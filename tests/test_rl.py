@@ -229,3 +229,29 @@ def test_impossible_values_are_one_line(bad, message, capsys):
     assert main(["train", bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_an_honest_summary(tiny_dir, tmp_path, monkeypatch, capsys):
+    from agrpo.tasks.tiny_sudoku import TinySudokuTask
+
+    calls = []
+    original = TinySudokuTask.reward
+
+    def reward(self, prompts, completions, **cols):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, prompts, completions, **cols)
+
+    monkeypatch.setattr(TinySudokuTask, "reward", reward)
+    args = [f"model={tiny_dir}", f"output_dir={tmp_path}", "name=cut", "max_steps=10", "save_every=100",
+            "eval_every=0", "prompts_per_step=2", "group_size=2", "sampling.steps=4", "num_samples=2",
+            "eval_size=4", "train_pool=16", "progress=false"]
+    assert main(["train", *args]) == 130
+    err = capsys.readouterr().err
+    assert "stopped after step 2: no checkpoint was written yet, so resume=true would start over" in err
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] == 2 and summary["final_accuracy"] is None
+    assert summary["last_eval_step"] == 0 and summary["last_eval_accuracy"] == summary["base_accuracy"]
+    assert summary["checkpoint"] is None
+    assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -22,6 +22,7 @@ sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -399,109 +400,129 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         bar = tqdm(total=max_steps or None, initial=start_step, desc="train", unit="step")
     step = start_step
     t_origin = time.perf_counter() - counters["wall_s"]
-    while not _run_over(cfg, max_steps, step, counters["wall_s"]):
-        t0 = time.perf_counter()
-        t_rollout, syncs_before = 0.0, syncs.count
+    try:
+        while not _run_over(cfg, max_steps, step, counters["wall_s"]):
+            t0 = time.perf_counter()
+            t_rollout, syncs_before = 0.0, syncs.count
 
-        # 1. prompts: this process's share, each repeated group_size times, in micro-batches
-        idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-        parts = []
-        for first in range(0, per_rank, per_part):
-            gen = _draw_generator(cfg.seed, step, rank * per_rank + first, device)
-            batch = [train_pool[i] for i in idx[first : first + per_part] for _ in range(cfg.group_size)]
-            prompts = [task.prompt(ex) for ex in batch]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
+            # 1. prompts: this process's share, each repeated group_size times, in micro-batches
+            idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+            parts = []
+            for first in range(0, per_rank, per_part):
+                gen = _draw_generator(cfg.seed, step, rank * per_rank + first, device)
+                batch = [train_pool[i] for i in idx[first : first + per_part] for _ in range(cfg.group_size)]
+                prompts = [task.prompt(ex) for ex in batch]
+                prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
 
-            # 2. rollouts
-            t1 = time.perf_counter()
-            core.eval()
-            with collective_free(accelerator, policy) as sampler:
-                rollout = generate(sampler, prompt_ids, prompt_mask, cfg.sampling, gen)
-            core.train()
-            t_rollout += time.perf_counter() - t1
+                # 2. rollouts
+                t1 = time.perf_counter()
+                core.eval()
+                with collective_free(accelerator, policy) as sampler:
+                    rollout = generate(sampler, prompt_ids, prompt_mask, cfg.sampling, gen)
+                core.train()
+                t_rollout += time.perf_counter() - t1
 
-            # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
-            completions = decode_completions(tokenizer, rollout.completion, rollout.stop_ids)
-            columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
-            rewards = list(task.reward(prompts, completions, **columns))
-            if len(rewards) != len(completions):
-                raise AgrpoError(
-                    f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
-                    f"return one float (or None) per completion"
-                )
-            advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
-            parts.append(_Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
+                # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
+                completions = decode_completions(tokenizer, rollout.completion, rollout.stop_ids)
+                columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
+                rewards = list(task.reward(prompts, completions, **columns))
+                if len(rewards) != len(completions):
+                    raise AgrpoError(
+                        f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
+                        f"return one float (or None) per completion"
+                    )
+                advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
+                parts.append(_Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
 
-        # 4. loss over sampled denoising steps -> one optimizer step per inner step, whatever the
-        #    number of micro-batches, chunks and processes (agrpo/distributed.py)
-        if cfg.objective == "diffu_grpo":
-            for part in parts:
-                part.masks = [random_prompt_mask(part.rollout, cfg.prompt_mask_p, part.generator) for _ in range(cfg.inner_steps)]
-                with torch.no_grad():
-                    part.olds = [mean_field_logp(policy, part.rollout, m) for m in part.masks]
-                    part.refs = [mean_field_logp(ref_logits_fn, part.rollout, m) if cfg.beta > 0 else None for m in part.masks]
-        backward = _agrpo_backward if cfg.objective == "agrpo" else _diffu_grpo_backward
-        for inner in range(cfg.inner_steps):
-            optimizer.zero_grad(set_to_none=True)
-            metrics = backward(cfg, accelerator, policy, parts, inner, ref_logits_fn)
-            grad_norm = _grad_norm(params, cfg.grad_clip, accelerator)
-            if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()  # once per optimizer step: warmup and decay count updates
-            else:  # a non-finite loss or gradient (the same on every process): leave the weights as they were
+            # 4. loss over sampled denoising steps -> one optimizer step per inner step, whatever the
+            #    number of micro-batches, chunks and processes (agrpo/distributed.py)
+            if cfg.objective == "diffu_grpo":
+                for part in parts:
+                    part.masks = [random_prompt_mask(part.rollout, cfg.prompt_mask_p, part.generator) for _ in range(cfg.inner_steps)]
+                    with torch.no_grad():
+                        part.olds = [mean_field_logp(policy, part.rollout, m) for m in part.masks]
+                        part.refs = [mean_field_logp(ref_logits_fn, part.rollout, m) if cfg.beta > 0 else None for m in part.masks]
+            backward = _agrpo_backward if cfg.objective == "agrpo" else _diffu_grpo_backward
+            for inner in range(cfg.inner_steps):
                 optimizer.zero_grad(set_to_none=True)
-                counters["skipped_steps"] += 1
-        step += 1
-        # the time budget must stop every process at the same step: they share one clock
-        dt = reduce_sum(accelerator, {"dt": time.perf_counter() - t0})["dt"] / world
-        counters["wall_s"] += dt
+                metrics = backward(cfg, accelerator, policy, parts, inner, ref_logits_fn)
+                grad_norm = _grad_norm(params, cfg.grad_clip, accelerator)
+                if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    scheduler.step()  # once per optimizer step: warmup and decay count updates
+                else:  # a non-finite loss or gradient (the same on every process): leave the weights as they were
+                    optimizer.zero_grad(set_to_none=True)
+                    counters["skipped_steps"] += 1
+            step += 1
+            # the time budget must stop every process at the same step: they share one clock
+            dt = reduce_sum(accelerator, {"dt": time.perf_counter() - t0})["dt"] / world
+            counters["wall_s"] += dt
 
-        # 5. log
-        rewards = [x for part in parts for x in part.rewards]
-        r = torch.tensor([x if x is not None else float("nan") for x in rewards], dtype=torch.float64, device=device)
-        all_r = accelerator.gather(r)  # whole groups per process: group g is rows g*G .. g*G+G-1
-        calls = recorder.take()
-        summed = reduce_sum(accelerator, step_sums(task, calls, [p.rollout for p in parts]))
-        r = all_r[~torch.isnan(all_r)]
-        line = {
-            "step": step,
-            "reward_mean": float(r.mean()) if r.numel() else float("nan"),
-            "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
-            **step_means(summed, all_r, cfg.group_size),
-            "loss": metrics["loss"],
-            "clip_frac": metrics["clip_frac"],
-            "kl": metrics["kl"],
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": sum(p.rollout.completion.numel() for p in parts) * world / max(t_rollout, 1e-9),
-            "step_s": dt,
-            "skipped_steps": counters["skipped_steps"],
-            "wall_s": counters["wall_s"],
-        }
-        if syncs.active:
-            line["grad_syncs"] = syncs.count - syncs_before
-        final = _run_over(cfg, max_steps, step, counters["wall_s"])
-        if (cfg.eval_every and step % cfg.eval_every == 0) or final:
-            last_accuracy = counters["last_accuracy"] = run_eval()
-            line["eval_accuracy"] = last_accuracy
-        if log is not None:
-            log.log(step, line)
-            if cfg.log_samples_every and step % cfg.log_samples_every == 0:
-                append_jsonl(samples_path, samples_of(step, calls, SAMPLES_PER_LOG))
-        accelerator.log({k: v for k, v in line.items() if k != "step"}, step=step)
+            # 5. log
+            rewards = [x for part in parts for x in part.rewards]
+            r = torch.tensor([x if x is not None else float("nan") for x in rewards], dtype=torch.float64, device=device)
+            all_r = accelerator.gather(r)  # whole groups per process: group g is rows g*G .. g*G+G-1
+            calls = recorder.take()
+            summed = reduce_sum(accelerator, step_sums(task, calls, [p.rollout for p in parts]))
+            r = all_r[~torch.isnan(all_r)]
+            line = {
+                "step": step,
+                "reward_mean": float(r.mean()) if r.numel() else float("nan"),
+                "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+                **step_means(summed, all_r, cfg.group_size),
+                "loss": metrics["loss"],
+                "clip_frac": metrics["clip_frac"],
+                "kl": metrics["kl"],
+                "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": sum(p.rollout.completion.numel() for p in parts) * world / max(t_rollout, 1e-9),
+                "step_s": dt,
+                "skipped_steps": counters["skipped_steps"],
+                "wall_s": counters["wall_s"],
+            }
+            if syncs.active:
+                line["grad_syncs"] = syncs.count - syncs_before
+            final = _run_over(cfg, max_steps, step, counters["wall_s"])
+            if (cfg.eval_every and step % cfg.eval_every == 0) or final:
+                last_accuracy = counters["last_accuracy"] = run_eval()
+                counters["last_eval_step"] = step
+                line["eval_accuracy"] = last_accuracy
+            if log is not None:
+                log.log(step, line)
+                if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+                    append_jsonl(samples_path, samples_of(step, calls, SAMPLES_PER_LOG))
+            accelerator.log({k: v for k, v in line.items() if k != "step"}, step=step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{line['reward_mean']:.3f}", acc=f"{last_accuracy:.3f}", refresh=False)
+            if (cfg.save_every and step % cfg.save_every == 0) or final:
+                accelerator.wait_for_everyone()
+                weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        run_dir, step, core.model, optimizer, scheduler,
+                        extra={"counters": counters}, keep_last=cfg.keep_checkpoints or None, tokenizer=tokenizer,
+                        model_state=weights, optimizer_state=optimizer_state,
+                    )
+                accelerator.wait_for_everyone()
+    except KeyboardInterrupt:
+        # what the run has done so far stays readable: the summary says it was interrupted and gives
+        # the last evaluation with its step, never as the accuracy of weights it was not measured on
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{line['reward_mean']:.3f}", acc=f"{last_accuracy:.3f}", refresh=False)
-        if (cfg.save_every and step % cfg.save_every == 0) or final:
-            accelerator.wait_for_everyone()
-            weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    run_dir, step, core.model, optimizer, scheduler,
-                    extra={"counters": counters}, keep_last=cfg.keep_checkpoints or None, tokenizer=tokenizer,
-                    model_state=weights, optimizer_state=optimizer_state,
-                )
-            accelerator.wait_for_everyone()
+            bar.close()
+        if accelerator.is_main_process:
+            checkpoint = latest_checkpoint(run_dir)
+            write_summary(run_dir, {
+                "run_dir": str(run_dir), "interrupted": True, "steps": step, "base_accuracy": base_accuracy,
+                "final_accuracy": None, "last_eval_accuracy": last_accuracy,
+                "last_eval_step": counters.get("last_eval_step", 0), "wall_s": counters["wall_s"],
+                "checkpoint": str(checkpoint) if checkpoint else None,
+            })
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+            where = (f"resume=true continues from {checkpoint.name}" if checkpoint
+                     else "no checkpoint was written yet, so resume=true would start over")
+            print(f"agrpo: stopped after step {step}: {where}; see {run_dir}/summary.json", file=sys.stderr)
+        raise
     if bar is not None:
         bar.close()
     accelerator.end_training()
