@@ -317,8 +317,7 @@ def generate(
     """Sample completions for a batch of left-padded prompts ([B, P]) -> Rollout."""
     cfg.validate()
     core = unwrap(policy)
-    mask_id, eos_id = core.mask_id, core.eos_id
-    eos_ids = tuple(getattr(core, "eos_ids", ())) or ((eos_id,) if eos_id is not None else ())
+    mask_id, eos_id, eos_ids = core.mask_id, core.eos_id, core.eos_ids
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise AgrpoError(f"prompt_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(prompt_ids.shape)}")
     device = prompt_ids.device
