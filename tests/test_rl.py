@@ -255,3 +255,29 @@ def test_ctrl_c_before_the_first_checkpoint_leaves_an_honest_summary(tiny_dir, t
     assert summary["last_eval_step"] == 0 and summary["last_eval_accuracy"] == summary["base_accuracy"]
     assert summary["checkpoint"] is None
     assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_shows_each_evaluation_as_it_happens(tiny_dir, tmp_path, capsys):
+    summary = rl.train(small(tiny_dir, tmp_path, name="watched", max_steps=4, eval_every=2, progress=True))
+    err = capsys.readouterr().err
+    base = err.index(f"agrpo: base accuracy {summary['base_accuracy']:.3f}")
+    assert base < err.index("train:")  # the starting point is known before the bar starts
+    evals = [json.loads(x) for x in (tmp_path / "watched/metrics.jsonl").read_text().splitlines()]
+    evals = {x["step"]: x["eval_accuracy"] for x in evals if "eval_accuracy" in x and x["step"] > 0}
+    assert sorted(evals) == [2, 4]
+    for step, acc in evals.items():
+        gain = 100 * (acc - summary["base_accuracy"])
+        assert f"step {step}: held-out accuracy {acc:.3f} ({gain:+.1f} points on the base's" in err
+
+
+def test_a_time_budgeted_bar_shows_the_time_left(tmp_path):
+    cfg = load_config(RLConfig, None, [f"output_dir={tmp_path}", "time_budget_s=540", "max_steps=0"])
+    bar = rl._progress_bar(cfg, 0, start_step=0, spent_s=100.0)
+    bar.advance_to(300.4)
+    bar.set_postfix(rl._postfix(cfg, 0, 12, {"reward_mean": 0.5, "wall_s": 300.4}, 0.61))
+    text = str(bar)
+    bar.close()
+    assert "05:00 of 09:00, 04:00 left" in text and "step=12" in text and "acc=0.610" in text
+    assert " 56%" in text
+    both = load_config(RLConfig, None, [f"output_dir={tmp_path}", "time_budget_s=540", "max_steps=50"])
+    assert rl._postfix(both, 50, 12, {"reward_mean": 0.5, "wall_s": 300.4}, None)["time_left"] == "04:00"

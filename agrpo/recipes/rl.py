@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from agrpo.config import config_to_dict
@@ -380,24 +381,28 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         total = accelerator.reduce(total, reduction="sum")
         return float(total[0] / total[1])
 
+    shout = cfg.progress and accelerator.is_main_process  # what a person watching the run reads as it happens
     base_accuracy = None
     if start_step == 0:
+        if shout:
+            print(f"agrpo: evaluating the base on {len(eval_set)} held-out problems ...", file=sys.stderr, flush=True)
         base_accuracy = run_eval()
+        if shout:
+            print(f"agrpo: base accuracy {base_accuracy:.3f}", file=sys.stderr, flush=True)
         if log is not None:
             log.log(0, {"step": 0, "eval_accuracy": base_accuracy, "wall_s": 0.0})
     else:
         base_accuracy = counters.get("base_accuracy")
+        if shout and base_accuracy is not None:
+            print(f"agrpo: resuming at step {start_step}; base accuracy {base_accuracy:.3f}, last evaluated "
+                  f"{counters.get('last_accuracy', base_accuracy):.3f}", file=sys.stderr, flush=True)
     counters["base_accuracy"] = base_accuracy
     # the accuracy of the newest weights evaluated, carried through checkpoints
     last_accuracy = counters.get("last_accuracy", base_accuracy)
 
     per_rank = cfg.prompts_per_step // world
     per_part = cfg.rollout_batch_size // cfg.group_size or per_rank
-    bar = None
-    if cfg.progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_steps or None, initial=start_step, desc="train", unit="step")
+    bar = _progress_bar(cfg, max_steps, start_step, counters["wall_s"]) if shout else None
     step = start_step
     t_origin = time.perf_counter() - counters["wall_s"]
     try:
@@ -487,14 +492,19 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
                 last_accuracy = counters["last_accuracy"] = run_eval()
                 counters["last_eval_step"] = step
                 line["eval_accuracy"] = last_accuracy
+                if bar is not None:
+                    bar.write(_eval_line(step, last_accuracy, base_accuracy), file=sys.stderr)
             if log is not None:
                 log.log(step, line)
                 if cfg.log_samples_every and step % cfg.log_samples_every == 0:
                     append_jsonl(samples_path, samples_of(step, calls, SAMPLES_PER_LOG))
             accelerator.log({k: v for k, v in line.items() if k != "step"}, step=step)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{line['reward_mean']:.3f}", acc=f"{last_accuracy:.3f}", refresh=False)
+                if isinstance(bar, _TimeBar):
+                    bar.advance_to(counters["wall_s"])
+                else:
+                    bar.update(1)
+                bar.set_postfix(_postfix(cfg, max_steps, step, line, last_accuracy), refresh=False)
             if (cfg.save_every and step % cfg.save_every == 0) or final:
                 accelerator.wait_for_everyone()
                 weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
@@ -547,6 +557,53 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         write_summary(run_dir, summary)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return summary
+
+
+def _progress_bar(cfg: RLConfig, max_steps: int, start_step: int, spent_s: float):
+    """A bar over the planned steps; a run bounded only by its time budget counts seconds instead."""
+    if max_steps:
+        return tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr)
+    if cfg.time_budget_s:  # the bar moves with the time the steps spend (evaluations are not counted)
+        return _TimeBar(cfg.time_budget_s, spent_s)
+    return tqdm(initial=start_step, desc="train", unit="step", file=sys.stderr)
+
+
+class _TimeBar(tqdm):
+    """tqdm over the seconds of a time budget, moved by the training time spent so far."""
+
+    def __init__(self, budget_s: float, spent_s: float):
+        super().__init__(total=budget_s, initial=min(spent_s, budget_s), desc="train", file=sys.stderr,
+                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {clock}{postfix}")
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        d["clock"] = f"{_clock(d['n'])} of {_clock(d['total'])}, {_clock(d['total'] - d['n'])} left"
+        return d
+
+    def advance_to(self, spent_s: float) -> None:
+        done = min(spent_s, self.total) - self.n
+        if done > 0:
+            self.update(done)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m:02d}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _postfix(cfg: RLConfig, max_steps: int, step: int, line: dict, accuracy) -> dict:
+    post = {"reward": f"{line['reward_mean']:.3f}", "acc": "-" if accuracy is None else f"{accuracy:.3f}"}
+    if not max_steps and cfg.time_budget_s:
+        post = {"step": step, **post}
+    elif max_steps and cfg.time_budget_s:  # whichever comes first ends the run
+        post["time_left"] = _clock(max(cfg.time_budget_s - line["wall_s"], 0.0))
+    return post
+
+
+def _eval_line(step: int, accuracy: float, base) -> str:
+    gain = "" if base is None else f" ({100 * (accuracy - base):+.1f} points on the base's {base:.3f})"
+    return f"step {step}: held-out accuracy {accuracy:.3f}{gain}"
 
 
 def _agrpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:
