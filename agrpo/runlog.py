@@ -207,9 +207,11 @@ def curve_data(records: list[dict]) -> dict:
     base = None
     if acc:
         base = acc[a_steps.index(0)] if 0 in a_steps else acc[0]
+    # an accuracy that needs no model (tiny-sudoku's guesser), logged with the base
+    guess = next((r["model_free_accuracy"] for r in records if isinstance(r.get("model_free_accuracy"), (int, float))), None)
     ylim = None
     if acc:
-        lo, hi = min(acc), max(acc)
+        lo, hi = min(acc + [guess] * (guess is not None)), max(acc + [guess] * (guess is not None))
         pad = max(0.02, 0.15 * (hi - lo))
         ylim = (max(0.0, lo - pad), min(1.0, hi + pad))
         if ylim[1] - ylim[0] < 0.05:  # one evaluation, or a flat line: still a readable range
@@ -218,6 +220,7 @@ def curve_data(records: list[dict]) -> dict:
     return {
         "reward_steps": r_steps, "reward_raw": r_raw, "reward_smooth": smooth(r_raw, window), "smooth_window": window,
         "accuracy_steps": a_steps, "accuracy": acc, "base_accuracy": base, "accuracy_ylim": ylim,
+        "model_free_accuracy": guess,
     }
 
 
@@ -230,7 +233,7 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     failing, so that plotting at the end of a run never costs its results.
     """
     data = curve_data(read_metrics(metrics_path))
-    fig = _figure((10, 4))
+    fig = new_figure((10, 4))
     ax_r, ax_a = fig.subplots(1, 2)
 
     if data["reward_steps"]:
@@ -249,6 +252,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
         ax_a.plot(data["accuracy_steps"], data["accuracy"], marker="o", color="tab:green", label="held-out")
         ax_a.axhline(data["base_accuracy"], color="gray", linestyle="--", linewidth=1,
                      label=f"base {data['base_accuracy']:.3f}")
+        if data["model_free_accuracy"] is not None:
+            ax_a.axhline(data["model_free_accuracy"], color="tab:red", linestyle=":", linewidth=1,
+                         label=f"model-free guesser {data['model_free_accuracy']:.3f}")
         ax_a.set_ylim(*data["accuracy_ylim"])
         ax_a.legend(loc="best")
     else:
@@ -257,10 +263,10 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     ax_a.set_xlabel("step")
     ax_a.set_ylabel("accuracy")
     fig.suptitle(Path(metrics_path).resolve().parent.name)
-    return _save_png(fig, out_png)
+    return save_png(fig, out_png)
 
 
-def _figure(size: tuple[float, float]):
+def new_figure(size: tuple[float, float]):
     # Figure + the Agg canvas directly: no pyplot, so no display backend and no global state
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -270,7 +276,7 @@ def _figure(size: tuple[float, float]):
     return fig
 
 
-def _save_png(fig, out_png) -> Path:
+def save_png(fig, out_png) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -328,7 +334,7 @@ def sweep_series(settings: list[dict]) -> list[dict]:
 
 def plot_sweep(settings: list[dict], out_png: str | os.PathLike, title: str = "") -> Path:
     """Accuracy against denoising steps, a line per `sweep_series` entry, 95% intervals as error bars."""
-    fig = _figure((6, 4))
+    fig = new_figure((6, 4))
     ax = fig.subplots()
     for line in sweep_series(settings):
         acc = line["accuracy"]
@@ -342,4 +348,4 @@ def plot_sweep(settings: list[dict], out_png: str | os.PathLike, title: str = ""
     ax.set_ylabel("accuracy (95% interval)")
     ax.set_title(title or "accuracy against steps")
     ax.legend(loc="best")
-    return _save_png(fig, out_png)
+    return save_png(fig, out_png)

@@ -254,6 +254,7 @@ def test_the_task_follows_the_model_and_a_mismatch_is_one_line(tmp_path, capsys)
     from agrpo.tasks import trained_task
 
     assert trained_task("tiny:countdown") == "tiny-countdown" and trained_task("org/model") is None
+    assert trained_task("tiny:sudoku-rows-boxes") == "tiny-sudoku" and trained_task("tiny:sudokus") is None
     run = tmp_path / "runs" / "cd"
     (run / "checkpoints" / "step_000004").mkdir(parents=True)
     (run / "config.yaml").write_text("task: tiny-countdown\nseed: 0\n")

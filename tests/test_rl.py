@@ -218,7 +218,7 @@ def test_runs_without_a_name_get_distinct_names_and_a_bad_task_leaves_no_folder(
 
 @pytest.mark.parametrize("bad,message", [
     ("lora.r=-3", "lora.r must be >= 0"),
-    ("num_samples=40", "num_samples=40 is more than the sampling.steps=16"),
+    ("num_samples=40", "num_samples=40 is more than the sampling.steps=4"),
     ("max_steps=-1", "max_steps must be >= 0"),
     ("time_budget_s=-5", "time_budget_s must be >= 0"),
     ("eval_every=-1", "eval_every must be >= 0"),
@@ -266,8 +266,19 @@ def test_progress_shows_each_evaluation_as_it_happens(tiny_dir, tmp_path, capsys
     evals = {x["step"]: x["eval_accuracy"] for x in evals if "eval_accuracy" in x and x["step"] > 0}
     assert sorted(evals) == [2, 4]
     for step, acc in evals.items():
-        gain = 100 * (acc - summary["base_accuracy"])
+        gain = round(100 * (acc - summary["base_accuracy"]), 1) + 0.0
         assert f"step {step}: held-out accuracy {acc:.3f} ({gain:+.1f} points on the base's" in err
+    assert "-0.0 points" not in err and rl._eval_line(5, 0.64999, 0.65, 0.0).startswith("step 5: held-out accuracy 0.650 (+0.0 points")
+    # beside the accuracy: the share solved whole, and the line a model-free guesser draws
+    from agrpo.tasks import get_task
+    from agrpo.tasks.tiny_sudoku import model_free_accuracy
+
+    lines = [json.loads(x) for x in (tmp_path / "watched/metrics.jsonl").read_text().splitlines()]
+    guess = model_free_accuracy(get_task("tiny-sudoku").eval_examples(4))
+    assert lines[0]["model_free_accuracy"] == summary["model_free_accuracy"] == guess
+    assert f"a model-free guesser (uniform over the digits the clues allow) scores {guess:.3f}" in err
+    assert lines[0]["eval_solved"] == summary["base_solved"] and lines[-1]["eval_solved"] == summary["final_solved"]
+    assert f"{100 * summary['final_solved']:.1f}% of problems solved whole" in err
 
 
 def test_a_time_budgeted_bar_shows_the_time_left(tmp_path):

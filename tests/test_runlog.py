@@ -145,6 +145,12 @@ def test_curve_data_smooths_the_reward_and_zooms_on_the_accuracy(tmp_path):
     assert 0.6 < lo < 0.647 and 0.668 < hi < 0.72  # zoomed to the data, not 0-1
     flat = curve_data([{"step": 0, "eval_accuracy": 0.5}, {"step": 5, "eval_accuracy": 0.5}])
     assert flat["accuracy_ylim"] == (0.475, 0.525)
+    assert data["model_free_accuracy"] is None
+    # a model-free line logged with the base is drawn and kept in view
+    guessed = curve_data([{"step": 0, "eval_accuracy": 0.60, "model_free_accuracy": 0.708}, {"step": 5, "eval_accuracy": 0.65}])
+    assert guessed["model_free_accuracy"] == 0.708
+    lo, hi = guessed["accuracy_ylim"]
+    assert lo < 0.60 and 0.708 < hi < 0.75
 
 
 def test_agrpo_plot_redraws_curves(tmp_path):

@@ -296,3 +296,74 @@ def test_countdown_jsonl_errors(tmp_path, line, message):
         load_countdown_jsonl(path)
     with pytest.raises(AgrpoError, match="no Countdown file"):
         load_countdown_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---- tiny-sudoku's weaker teachers -------------------------------------------------------
+
+def _repeats(grid: str, units) -> int:
+    return sum(4 - len({grid[i] for i in unit}) for unit in units)
+
+
+def test_fillings_with_every_rule_give_the_unique_solution(sudoku_sets):
+    from agrpo.tasks.tiny_sudoku import UNITS, fillings
+
+    for row in sudoku_sets[2][:64]:
+        assert fillings(row["puzzle"], UNITS) == [row["solution"]]
+
+
+@pytest.mark.parametrize("teacher", ["rows_columns", "rows_boxes", "rows"])
+def test_a_weaker_teacher_keeps_the_clues_and_the_rules_it_knows(sudoku_sets, teacher):
+    from agrpo.tasks.tiny_sudoku import TEACHERS, UNITS, fillings
+
+    task = TinySudokuTask(teacher=teacher)
+    known = TEACHERS[teacher]
+    unknown = [u for u in UNITS if u not in known]
+    broken = 0
+    for row in sudoku_sets[1][:200]:
+        grid = task.target(row)
+        assert grid == task.target(dict(row)) == TinySudokuTask(teacher=teacher).target(row)  # fixed per puzzle
+        assert len(grid) == 16 and all(p in ("0", g) for p, g in zip(row["puzzle"], grid))
+        assert _repeats(grid, known) == 0 and grid in fillings(row["puzzle"], known)
+        broken += _repeats(grid, unknown) > 0
+    # what it does not know, it gets wrong often (rows_columns is nearly a full solver)
+    assert broken > (10 if teacher == "rows_columns" else 60)
+    assert TinySudokuTask().target(sudoku_sets[1][0]) == sudoku_sets[1][0]["solution"]
+
+
+def test_teacher_accuracies_and_the_model_free_line_are_as_documented():
+    from agrpo.tasks.tiny_sudoku import TEACHERS, fillings, model_free_accuracy, score_sudoku
+
+    held_out = TinySudokuTask().eval_examples(256)
+    expected = {"rows_columns": (0.920, 0.861), "rows_boxes": (0.647, 0.175), "rows": (0.426, 0.023)}
+    for teacher, (cells, solved) in expected.items():
+        acc, whole = [], []
+        for row in held_out:
+            grids = fillings(row["puzzle"], TEACHERS[teacher])
+            acc.append(sum(score_sudoku(g, row["puzzle"], row["solution"]) for g in grids) / len(grids))
+            whole.append(1 / len(grids))
+        assert round(sum(acc) / 256, 3) == cells and round(sum(whole) / 256, 3) == solved
+    assert round(model_free_accuracy(held_out), 3) == 0.708
+    # the guesser, played out: its mean over many draws lands on the closed form
+    import random
+
+    rng, row = random.Random(0), held_out[0]
+    peers = [[j for j in range(16) if j != i and (j // 4 == i // 4 or j % 4 == i % 4 or
+              (j // 8, j % 4 // 2) == (i // 8, i % 4 // 2))] for i in range(16)]
+    draws = [score_sudoku("".join(c if c != "0" else rng.choice(sorted(set("1234") - {row["puzzle"][j] for j in peers[i]}))
+                                  for i, c in enumerate(row["puzzle"])), row["puzzle"], row["solution"]) for _ in range(4000)]
+    assert abs(sum(draws) / 4000 - model_free_accuracy([row])) < 0.01
+
+
+def test_an_unknown_teacher_is_refused():
+    with pytest.raises(AgrpoError, match="unknown Sudoku teacher 'boxes'.*rows_boxes"):
+        TinySudokuTask(teacher="boxes")
+
+
+def test_sft_teacher_is_a_tiny_sudoku_option(tmp_path, capsys):
+    from agrpo.cli import main
+
+    assert main(["sft", "task=tiny-countdown", "teacher=rows", f"output_dir={tmp_path}"]) == 2
+    assert "teacher=rows is an option of tiny-sudoku's demonstrations" in capsys.readouterr().err
+    assert main(["sft", "teacher=boxes", f"output_dir={tmp_path}", "steps=1"]) == 2
+    assert "unknown Sudoku teacher 'boxes'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written for a refused run

@@ -374,23 +374,26 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     eval_set = task.eval_examples(cfg.eval_size, path=cfg.eval_data or None)
     my_eval = eval_set[rank::world]
 
-    def run_eval() -> float:
+    def run_eval() -> tuple[float, float]:
+        """(accuracy, fraction of problems solved whole) on the held-out set, over every process."""
         with collective_free(accelerator, policy) as sampler:
             res = evaluate(sampler, tokenizer, task, my_eval, cfg.eval_sampling, chat_template=cfg.chat_template)
-        total = torch.tensor([sum(res["scores"]), len(res["scores"])], dtype=torch.float64, device=device)
-        total = accelerator.reduce(total, reduction="sum")
-        return float(total[0] / total[1])
+        total = [sum(res["scores"]), sum(x == 1.0 for x in res["scores"]), len(res["scores"])]
+        total = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=device), reduction="sum")
+        return float(total[0] / total[2]), float(total[1] / total[2])
 
     shout = cfg.progress and accelerator.is_main_process  # what a person watching the run reads as it happens
-    base_accuracy = None
+    baselines = task.baselines(eval_set)  # accuracies that need no model, e.g. a guesser's
     if start_step == 0:
         if shout:
             print(f"agrpo: evaluating the base on {len(eval_set)} held-out problems ...", file=sys.stderr, flush=True)
-        base_accuracy = run_eval()
+        base_accuracy, counters["base_solved"] = run_eval()
         if shout:
-            print(f"agrpo: base accuracy {base_accuracy:.3f}", file=sys.stderr, flush=True)
+            print(f"agrpo: base accuracy {base_accuracy:.3f}, {_solved(counters['base_solved'])}"
+                  + "".join(f"; {BASELINE_LABELS.get(k, k)} {v:.3f}" for k, v in baselines.items()), file=sys.stderr, flush=True)
         if log is not None:
-            log.log(0, {"step": 0, "eval_accuracy": base_accuracy, "wall_s": 0.0})
+            log.log(0, {"step": 0, "eval_accuracy": base_accuracy, "eval_solved": counters["base_solved"], **baselines,
+                        "wall_s": 0.0})
     else:
         base_accuracy = counters.get("base_accuracy")
         if shout and base_accuracy is not None:
@@ -489,11 +492,11 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
                 line["grad_syncs"] = syncs.count - syncs_before
             final = _run_over(cfg, max_steps, step, counters["wall_s"])
             if (cfg.eval_every and step % cfg.eval_every == 0) or final:
-                last_accuracy = counters["last_accuracy"] = run_eval()
-                counters["last_eval_step"] = step
-                line["eval_accuracy"] = last_accuracy
+                last_accuracy, counters["last_solved"] = run_eval()
+                counters["last_accuracy"], counters["last_eval_step"] = last_accuracy, step
+                line["eval_accuracy"], line["eval_solved"] = last_accuracy, counters["last_solved"]
                 if bar is not None:
-                    bar.write(_eval_line(step, last_accuracy, base_accuracy), file=sys.stderr)
+                    bar.write(_eval_line(step, last_accuracy, base_accuracy, counters["last_solved"]), file=sys.stderr)
             if log is not None:
                 log.log(step, line)
                 if cfg.log_samples_every and step % cfg.log_samples_every == 0:
@@ -525,6 +528,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
             write_summary(run_dir, {
                 "run_dir": str(run_dir), "interrupted": True, "steps": step, "base_accuracy": base_accuracy,
                 "final_accuracy": None, "last_eval_accuracy": last_accuracy,
+                "last_eval_solved": counters.get("last_solved", counters.get("base_solved")),
                 "last_eval_step": counters.get("last_eval_step", 0), "wall_s": counters["wall_s"],
                 "checkpoint": str(checkpoint) if checkpoint else None,
             })
@@ -541,6 +545,9 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         "run_dir": str(run_dir),
         "base_accuracy": base_accuracy,
         "final_accuracy": last_accuracy,
+        "base_solved": counters.get("base_solved"),
+        "final_solved": counters.get("last_solved"),
+        **baselines,
         "steps": step,
         "wall_s": counters["wall_s"],
         "total_wall_s": time.perf_counter() - t_origin,
@@ -557,6 +564,10 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         write_summary(run_dir, summary)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return summary
+
+
+# how the start of a run names the accuracies a task gives without a model
+BASELINE_LABELS = {"model_free_accuracy": "a model-free guesser (uniform over the digits the clues allow) scores"}
 
 
 def _progress_bar(cfg: RLConfig, max_steps: int, start_step: int, spent_s: float):
@@ -601,9 +612,14 @@ def _postfix(cfg: RLConfig, max_steps: int, step: int, line: dict, accuracy) -> 
     return post
 
 
-def _eval_line(step: int, accuracy: float, base) -> str:
-    gain = "" if base is None else f" ({100 * (accuracy - base):+.1f} points on the base's {base:.3f})"
-    return f"step {step}: held-out accuracy {accuracy:.3f}{gain}"
+def _eval_line(step: int, accuracy: float, base, solved: float) -> str:
+    # + 0.0 turns the -0.0 of a tiny loss into 0.0: "+0.0 points", never "-0.0"
+    gain = "" if base is None else f" ({round(100 * (accuracy - base), 1) + 0.0:+.1f} points on the base's {base:.3f})"
+    return f"step {step}: held-out accuracy {accuracy:.3f}{gain}, {_solved(solved)}"
+
+
+def _solved(fraction: float) -> str:
+    return f"{100 * fraction:.1f}% of problems solved whole"
 
 
 def _agrpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:

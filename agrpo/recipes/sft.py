@@ -52,6 +52,7 @@ class SFTConfig:
     intermediate_size: int = field(default=128, metadata={"help": "scratch model: MLP width"})
     gen_length: int = field(default=16, metadata={"help": "completion length in tokens (EOS-padded targets)"})
     train_pool: int = field(default=5000, metadata={"help": "training problems generated once at start"})
+    teacher: str = field(default="solution", metadata={"help": "tiny-sudoku: who writes the demonstrations: solution (the true solution), or a weaker teacher that knows only some rules: rows_columns, rows_boxes, rows (agrpo/tasks/tiny_sudoku.py)"})
     exclude_file: str = field(default="", metadata={"help": "a file in the task's published format (e.g. the paper's test split) whose problems never enter the generated sets"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "examples per step"})
@@ -79,6 +80,8 @@ class SFTConfig:
             raise AgrpoError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if not 0 < self.min_mask_rate < 1:
             raise AgrpoError(f"min_mask_rate must be in (0, 1), got {self.min_mask_rate}")
+        if self.teacher != "solution" and self.task != "tiny-sudoku":
+            raise AgrpoError(f"teacher={self.teacher} is an option of tiny-sudoku's demonstrations; {self.task} has none")
 
 
 def masked_diffusion_loss(policy, prompt_ids, prompt_mask, targets, generator, eps: float = 1e-3) -> torch.Tensor:
@@ -106,9 +109,7 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     torch.manual_seed(cfg.seed)
-    run_dir = make_run_dir(cfg.output_dir, cfg.name, resume=False)
-    save_resolved_config(run_dir, config_to_dict(cfg))
-    task = get_task(cfg.task, held_out=cfg.exclude_file or None)
+    task = get_task(cfg.task, held_out=cfg.exclude_file or None, **({"teacher": cfg.teacher} if cfg.teacher != "solution" else {}))
     if not task.character_level:
         raise AgrpoError(f"agrpo sft trains the tiny tasks (tiny-sudoku, tiny-countdown), not {cfg.task!r}: they have reference completions")
     if cfg.model == "scratch":
@@ -136,6 +137,9 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     eos = core.eos_id
 
     pool = task.train_examples(cfg.train_pool, seed=cfg.seed)
+    # the run folder is made once the task, its data and the model are known to load
+    run_dir = make_run_dir(cfg.output_dir, cfg.name, resume=False)
+    save_resolved_config(run_dir, config_to_dict(cfg))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     log = RunLog(run_dir, resume=False)
     bar = None
@@ -170,6 +174,9 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     # 3. held-out accuracy, the paper's way (greedy, low-confidence remasking by default)
     res = evaluate(policy, tokenizer, task, task.eval_examples(cfg.eval_size), cfg.eval_sampling)
     model_dir = run_dir / "model"
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar says nothing here
     core.model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     if cfg.export_to:
@@ -179,6 +186,8 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         shutil.copytree(model_dir, dest)
     summary = {
         "accuracy": res["accuracy"],
+        "solved": sum(x == 1.0 for x in res["scores"]) / max(len(res["scores"]), 1),
+        "teacher": cfg.teacher,
         "steps": cfg.steps,
         "train_s": train_s,
         "wall_s": time.perf_counter() - t_start,

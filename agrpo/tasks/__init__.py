@@ -55,9 +55,10 @@ def trained_task(model: str) -> str | None:
     """The task a shipped or trained model was made for, when that is on record: `tiny:<x>` is
     tiny-<x>; a run, checkpoint or SFT model directory has it in its run's config.yaml."""
     model = str(model)
-    if model.startswith("tiny:"):
+    if model.startswith("tiny:"):  # tiny:sudoku, or a variant of its base: tiny:sudoku-rows-boxes
         name = "tiny-" + model[len("tiny:"):]
-        return name if name in TASKS else None
+        fits = [t for t in TASKS if name == t or name.startswith(t + "-")]
+        return max(fits, key=len) if fits else None
     path = Path(model).expanduser()
     if not path.exists():
         return None

@@ -159,6 +159,10 @@ class Task:
             return self.load("test", path)[: _check_count(n, "n")]
         return self._examples("eval", n, seed)
 
+    def baselines(self, rows: list[dict]) -> dict[str, float]:
+        """Reference accuracies on `rows` that need no model (e.g. a guesser), by name."""
+        return {}
+
     def reward(self, prompts: list[str], completions: list[str], **columns) -> list[float | None]:
         """One reward per completion; `columns` are dataset columns aligned with `prompts`."""
         return [self.grade(c, **row) for c, row in zip(completions, self._rows(prompts, completions, columns))]
