@@ -5,7 +5,8 @@
     agrpo eval  [-c preset.yaml] [key=value ...]     held-out accuracy
     agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
     agrpo bench rollout|loss [--json]                speed against a naive baseline
-    agrpo config train|sft|eval|export               every field, its default and its help
+    agrpo config train|sft|eval|study|export         every field, its default and its help
+    agrpo study [key=value ...]                      base vs diffu-GRPO vs AGRPO over seeds, steps, estimator variance
     agrpo plot RUN                                   redraw RUN/curves.png from RUN/metrics.jsonl
     agrpo --version
 
@@ -42,11 +43,15 @@ def _recipe(name: str):
         from agrpo.recipes.evaluate import EvalConfig, run_eval
 
         return EvalConfig, run_eval
+    if name == "study":
+        from agrpo.recipes.study import StudyConfig, run_study
+
+        return StudyConfig, run_study
     if name == "export":
         from agrpo.recipes.export import ExportConfig, run_export
 
         return ExportConfig, run_export
-    raise AgrpoError(f"unknown command {name!r}: choose train, sft, eval, export, bench, plot or config")
+    raise AgrpoError(f"unknown command {name!r}: choose train, sft, eval, study, export, bench, plot or config")
 
 
 def _normalise(argv: list[str]) -> list[str]:
@@ -112,7 +117,7 @@ def _run(argv: list[str]) -> int:
         return 0
     if command == "config":
         if not rest:
-            raise AgrpoError("usage: agrpo config train|sft|eval|export")
+            raise AgrpoError("usage: agrpo config train|sft|eval|study|export")
         cls, _ = _recipe(rest[0])
         print(describe_config(cls))
         return 0

@@ -9,8 +9,9 @@ from agrpo.config import check_documented, load_config
 from agrpo.recipes.evaluate import EvalConfig
 from agrpo.recipes.rl import RLConfig
 from agrpo.recipes.sft import SFTConfig
+from agrpo.recipes.study import StudyConfig
 
-RECIPES = {"train": RLConfig, "sft": SFTConfig, "eval": EvalConfig}
+RECIPES = {"train": RLConfig, "sft": SFTConfig, "eval": EvalConfig, "study": StudyConfig}
 CONFIGS = Path(__file__).parent.parent / "configs"
 # configs/accelerate holds accelerate's own launch files, not presets of a recipe
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIGS).parts)

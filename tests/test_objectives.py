@@ -611,3 +611,17 @@ def test_unfiltered_rollout_never_gives_mask_probability():
     assert abs(m["ratio_mean"] - 1) < 1e-6 and m["clip_frac"] == 0
     losses = slow_step_losses(model, ro, ADV)
     assert abs(float(loss.detach()) - float(exact_sequence(losses, ro).detach())) < 1e-9
+
+
+@pytest.mark.parametrize("eos_steps", ["include", "exclude"])
+def test_every_step_plan_is_the_exact_objective(eos_steps):
+    """The plan the estimator-variance study takes as truth equals the float64 every-step reference."""
+    from agrpo.objectives.agrpo import every_step_plan
+
+    base, model, ro = mixed_rollout()
+    cur = RowEos(perturbed(base), model.starts, ro.prompt_len)
+    exact = exact_sequence(slow_step_losses(cur, ro, MIXED_ADV, 0.05, 0.3, eos_steps=eos_steps), ro, eos_steps=eos_steps)
+    plan = every_step_plan(ro, eos_steps=eos_steps)
+    assert plan.row.numel() == sum(slow_horizon(ro, eos_steps))  # each live step once
+    loss, _ = agrpo_loss(Policy(cur), ro, MIXED_ADV, plan=plan, eps_low=0.05, eps_high=0.3)
+    assert abs(float(loss.detach()) - float(exact.detach())) < 1e-9

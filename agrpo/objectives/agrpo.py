@@ -138,21 +138,50 @@ def plan_steps(
         weight = torch.ones_like(weight)
 
     row = rows[:, None].expand(-1, k).reshape(-1)
-    t = t.reshape(-1)
-    weight = weight.reshape(-1)
+    # the official normalisation (sequence): sum of the sampled steps' token losses / (K * G),
+    # averaged over groups = mean over rows of (1/K) sum_k w_k L_{t_k}
+    return _plan(rollout, row, t.reshape(-1), weight.reshape(-1), normalization, float(k * rows.numel()))
+
+
+def _plan(rollout: Rollout, row: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, normalization: str,
+          draws: float) -> StepPlan:
+    """The plan of draws (row, t) with importance weights: the positions each draw committed,
+    and coefficients weight / count (count: `draws` for sequence, loss tokens for token)."""
     sel = (rollout.step[row] == t[:, None]) & rollout.sampled[row]  # [S, C]
     width = max(int(sel.sum(1).max()) if sel.numel() else 0, 1)
     order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]
     valid = sel.gather(1, order)
-    if normalization == "sequence":
-        # the official normalisation: sum of the sampled steps' token losses / (K * G),
-        # averaged over groups = mean over rows of (1/K) sum_k w_k L_{t_k}
-        count = float(k * rows.numel())
-    else:
-        count = float(valid.sum())
+    count = draws if normalization == "sequence" else float(valid.sum())
     # float64: 1 / (K * rows) is rarely a float32 number, and the exact checks compare to 1e-9
     plan = StepPlan(row=row, t=t, weight=weight, coef=weight, positions=order, valid=valid, count=count)
     return plan.normalized(count)
+
+
+def every_step_plan(
+    rollout: Rollout,
+    normalization: str = "sequence",
+    row_valid: torch.Tensor | None = None,
+    eos_steps: str = "include",
+) -> StepPlan:
+    """Every live step of every row once: the exact objective that `plan_steps` estimates.
+
+    Row b's steps get coefficient 1 / (T_eff_b * rows) (sequence) or 1 / tokens (token), so the
+    loss is the mean over rows of the average over its T_eff steps, with no sampling noise."""
+    if normalization not in NORMALIZATION:
+        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    device = rollout.step.device
+    t_eff = horizon(rollout, eos_steps)
+    keep = t_eff > 0
+    if row_valid is not None:
+        keep = keep & row_valid.to(device)
+    rows = keep.nonzero().squeeze(1)
+    row = torch.repeat_interleave(rows, t_eff[rows])
+    t = torch.cat([torch.arange(int(n), device=device) for n in t_eff[rows]]) if rows.numel() else row
+    if normalization == "sequence":
+        weight = 1.0 / t_eff[row].double()  # the K = T_eff average, with K folded into the weight
+    else:
+        weight = torch.ones(row.numel(), dtype=torch.float64, device=device)
+    return _plan(rollout, row, t, weight, normalization, float(rows.numel()))
 
 
 def padding_plan(rollout: Rollout) -> StepPlan:
