@@ -40,7 +40,7 @@ def test_every_model_is_graded_on_the_same_problems_and_matches_its_run(small_st
     agrpo = summary["ordering"][0]
     assert agrpo["accuracy"] == [r["summary"]["final_accuracy"] for r in study["runs"][:2]]
     assert result["agrpo"]["mean"] == pytest.approx(sum(agrpo["accuracy"]) / 2)
-    for name in ("report.md", "ordering.png", "steps.png", "variance.png"):
+    for name in ("report.md", "ordering.png", "steps.png", "variance.png", "variance_eos.png"):
         assert (out / name).stat().st_size > 0
 
 
@@ -60,7 +60,8 @@ def test_a_finished_study_reuses_its_runs(small_study, capsys):
     assert err.count("finished before, reused") == 4
     assert "estimator variance: measured before with the same settings, reused" in err
     assert again["agrpo"] == result["agrpo"]
-    assert json.loads((out / S.STUDY).read_text())["variance"] == study["variance"]
+    again_json = json.loads((out / S.STUDY).read_text())
+    assert again_json["variance"] == study["variance"] and again_json["variance_eos"] == study["variance_eos"]
 
 
 def test_estimator_variance_is_zero_when_exact_and_falls_like_one_over_k(small_study):
@@ -77,6 +78,24 @@ def test_estimator_variance_is_zero_when_exact_and_falls_like_one_over_k(small_s
         for var, bias2 in zip(c["relative_variance"], c["relative_bias2"]):
             if var > S.EXACT:  # an exact cell differs from g by float rounding alone, on both sides
                 assert bias2 <= 6 * var / v["repeats"]
+
+
+def test_the_eos_steps_options_are_compared_on_rollouts_that_stop_early(small_study):
+    out, _, study = small_study
+    assert not study["variance"]["eos_options_differ"]  # Sudoku never stops early: one estimator
+    v = study["variance_eos"]
+    assert (v["task"], v["remasking"]) == ("tiny-countdown", "random") and v["eos_options_differ"]
+    # include learns from the EOS decisions after the answer: longer horizons than the truncation
+    assert v["t_eff_mean"]["include"] > v["t_eff_mean"]["exclude"]
+    curves = {(c["sampler"], c["eos_steps"]): c for c in v["curves"]}
+    assert set(curves) == {(s, e) for s in ("uniform", "stratified", "stratified+entropy") for e in ("include", "exclude")}
+    for c in v["curves"]:
+        assert all(x > 0 for x in c["relative_variance"][:2])  # K = 1, 4 < T_eff: sampling noise
+        for var, bias2 in zip(c["relative_variance"], c["relative_bias2"]):
+            if var > S.EXACT:
+                assert bias2 <= 6 * var / v["repeats"]
+    report = (out / "report.md").read_text()
+    assert "### On rollouts that stop early" in report and report.count("| stratified | exclude |") == 1
 
 
 def test_t_interval_and_paired_differences_by_hand():
@@ -100,3 +119,40 @@ def test_bad_settings_are_one_line(tmp_path, capsys, arg, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_per_step_gradients_give_every_plan_its_autograd_gradient():
+    """The variance study sums per-(row, step) gradients instead of back-propagating each estimate:
+    for plans of every kind the sum equals autograd on the plan's loss."""
+    import torch
+
+    from agrpo.data import encode_prompts
+    from agrpo.models import load_model_and_tokenizer
+    from agrpo.objectives import group_advantages
+    from agrpo.objectives.agrpo import every_step_plan, plan_steps
+    from agrpo.policy import Policy
+    from agrpo.sampling import SamplingConfig, generate
+    from agrpo.tasks import get_task
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer("tiny:countdown")
+    model.eval()
+    policy, task = Policy(model), get_task("tiny-countdown")
+    rows = [r for r in task.train_examples(3, seed=0) for _ in range(4)]
+    ids, mask = encode_prompts(tok, [task.prompt(r) for r in rows])
+    sampling = SamplingConfig(gen_length=16, block_length=16, steps=16, temperature=1.0, remasking="random")
+    with torch.no_grad():
+        ro = generate(policy, ids, mask, sampling, torch.Generator().manual_seed(1))
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, -1.0, 0.0])  # a group with no signal
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[3] = False  # a dropped row
+    index, per_draw = S.draw_gradients(policy, ro, adv, valid)
+    gen = torch.Generator().manual_seed(2)
+    plans = [every_step_plan(ro, row_valid=valid, eos_steps=e) for e in ("include", "exclude")]
+    plans += [plan_steps(ro, 3, s, i, "sequence", valid, gen, e) for s, i, e in
+              [("uniform", "none", "include"), ("low_discrepancy", "entropy", "exclude"), ("stratified", "entropy", "include")]]
+    for plan in plans:
+        direct = S.direct_gradient(policy, ro, adv, plan)
+        fast = S.plan_gradient(index, per_draw, plan)
+        assert float(direct.norm()) > 0
+        assert float((fast - direct).norm() / direct.norm()) < 1e-5

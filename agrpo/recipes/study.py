@@ -1,6 +1,6 @@
 """The paper's claims at small scale, with error bars: one command, one report.
 
-    agrpo study                                  # the default preset, 3 seeds, ~70 minutes on 2 cores
+    agrpo study                                  # the default preset, 3 seeds, ~63 minutes on 2 cores
     agrpo study seeds=0 time_budget_s=60         # a quick look
     agrpo study report_only=true                 # redraw report.md and the PNGs from study.json
 
@@ -12,10 +12,12 @@
    (`agrpo eval`'s recipe).
 3. Estimator variance: on one fixed batch of rollouts of the base, the AGRPO gradient estimate
    for K = 1, 2, 4, 8, 16 sampled steps under each step sampler, against the exact every-step
-   gradient: relative variance E||g_K - g||^2 / ||g||^2 over repeated draws.
+   gradient: relative variance E||g_K - g||^2 / ||g||^2 over repeated draws. When those rollouts
+   never stop early (Sudoku), the same on a batch that does (tiny Countdown's base, random
+   remasking), where the eos_steps options differ.
 
 Writes to `out`: study.json (every number, regenerable into the rest), report.md,
-ordering.png, steps.png, variance.png, and the runs and evaluations themselves under runs/ and
+ordering.png, steps.png, variance.png (and variance_eos.png), and the runs and evaluations themselves under runs/ and
 eval/. A rerun with the same `out` reuses finished training runs and evaluations, so an
 interrupted study continues where it stopped.
 """
@@ -37,7 +39,7 @@ from agrpo.errors import AgrpoError
 from agrpo.fileio import write_atomic
 from agrpo.models import load_model_and_tokenizer, shift_logits_of
 from agrpo.objectives import agrpo_loss, group_advantages
-from agrpo.objectives.agrpo import every_step_plan, plan_steps
+from agrpo.objectives.agrpo import StepPlan, every_step_plan, plan_steps
 from agrpo.objectives.common import horizon
 from agrpo.policy import Policy
 from agrpo.runlog import new_figure, read_jsonl, save_png
@@ -90,6 +92,7 @@ class StudyConfig:
     variance_samplers: str = field(default=",".join(SAMPLERS), metadata={"help": "estimator variance: step samplers (comma list of " + ", ".join(SAMPLERS) + ")"})
     variance_prompts: int = field(default=8, metadata={"help": "estimator variance: prompts in the fixed batch (x the preset's group_size)"})
     variance_repeats: int = field(default=40, metadata={"help": "estimator variance: independent draws per (sampler, K)"})
+    eos_variance: bool = field(default=True, metadata={"help": "estimator variance also on rollouts that stop early (tiny Countdown's base, random remasking), where eos_steps include and exclude differ, when the study's own rollouts never do"})
     out: str = field(default="runs/study", metadata={"help": "output directory (reused: finished runs are not redone)"})
     report_only: bool = field(default=False, metadata={"help": "only rewrite report.md and the PNGs from out/study.json"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -155,35 +158,43 @@ def run_study(cfg: StudyConfig) -> dict:
 
     # 3. the estimator's variance on a fixed batch of the base's rollouts (reused when a
     #    previous study in `out` measured it with the same settings)
-    variance = _previous_variance(out, cfg, base_cfg)
-    if variance is None:
+    previous = _previous_variance(out, cfg, base_cfg)
+    if previous is None:
         variance = estimator_variance(base_cfg, cfg)
+        variance_eos = None
+        if cfg.eos_variance and not variance["eos_options_differ"]:
+            _say(cfg, "study: estimator variance on rollouts that stop early (tiny Countdown, random remasking)")
+            variance_eos = estimator_variance(load_config(RLConfig, str(Path(default_preset()).with_name(EOS_PRESET)),
+                                                          EOS_OVERRIDES), cfg)
     else:
+        variance, variance_eos = previous
         _say(cfg, "study: estimator variance: measured before with the same settings, reused")
 
     study = {
         "preset": preset, "overrides": common, "config": config_to_dict(cfg), "train_config": config_to_dict(base_cfg),
         "base_model": base_cfg.model, "task": base_cfg.task, "gen_length": gen,
         "tokens_per_step": tokens, "steps": steps, "runs": runs, "eval": evaluation, "variance": variance,
-        "wall_s": time.perf_counter() - t0,
+        "variance_eos": variance_eos, "wall_s": time.perf_counter() - t0,
     }
     write_atomic(out / STUDY, json.dumps(study, indent=1) + "\n")
     return write_report(study, out)
 
 
-VARIANCE_FIELDS = ("variance_k", "variance_samplers", "variance_prompts", "variance_repeats")
+VARIANCE_FIELDS = ("variance_k", "variance_samplers", "variance_prompts", "variance_repeats", "eos_variance")
+# rollouts that stop early at different steps: the base of tiny Countdown, random remasking
+EOS_PRESET, EOS_OVERRIDES = "tiny_countdown.yaml", ["sampling.remasking=random"]
 
 
-def _previous_variance(out: Path, cfg: StudyConfig, base_cfg) -> dict | None:
-    """The variance section of the study already in `out`, if it was measured with these settings
-    (the variance fields, the base, its training config): the draws are seeded, so it would repeat."""
+def _previous_variance(out: Path, cfg: StudyConfig, base_cfg) -> tuple[dict, dict | None] | None:
+    """The variance sections of the study already in `out`, if they were measured with these settings
+    (the variance fields, the base, its training config): the draws are seeded, so they would repeat."""
     try:
         previous = json.loads((out / STUDY).read_text())
         same = (all(previous["config"][k] == getattr(cfg, k) for k in VARIANCE_FIELDS)
                 and previous["train_config"] == json.loads(json.dumps(config_to_dict(base_cfg))))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return previous["variance"] if same else None
+    return (previous["variance"], previous.get("variance_eos")) if same else None
 
 
 def _say(cfg: StudyConfig, text: str) -> None:
@@ -263,12 +274,11 @@ def estimator_variance(base_cfg, cfg: StudyConfig) -> dict:
     columns = {k: [r[k] for r in batch] for k in batch[0] if k != "prompt"}
     rewards = task.reward(prompts, texts, **columns)
     adv, valid = group_advantages(rewards, g, base_cfg.scale_std)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    index, per_draw = draw_gradients(policy, rollout, adv, valid, base_cfg.eps_low, base_cfg.eps_high,
+                                     progress=cfg.progress)
 
     def gradient(plan) -> torch.Tensor:
-        loss, _ = agrpo_loss(policy, rollout, adv, plan=plan, eps_low=base_cfg.eps_low, eps_high=base_cfg.eps_high)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).double() for x, p in zip(grads, params)])
+        return plan_gradient(index, per_draw, plan)
 
     ks = _ints(cfg.variance_k, "variance_k")
     if max(ks) > sampling.steps:
@@ -278,7 +288,8 @@ def estimator_variance(base_cfg, cfg: StudyConfig) -> dict:
     same_horizon = bool(torch.equal(horizon(rollout, "include"), horizon(rollout, "exclude")))
     if same_horizon:  # no row stops early or ends on EOS: both options are one estimator here
         eos_options = ["include"]
-    result = {"rows": len(batch), "prompts": len(rows), "k": ks, "repeats": cfg.variance_repeats,
+    result = {"task": base_cfg.task, "model": base_cfg.model, "remasking": sampling.remasking,
+              "temperature": sampling.temperature, "rows": len(batch), "prompts": len(rows), "k": ks, "repeats": cfg.variance_repeats,
               "t_eff_mean": {e: float(horizon(rollout, e).double().mean()) for e in ("include", "exclude")},
               "eos_options_differ": not same_horizon, "reward_mean": float(torch.tensor([float(x) for x in rewards]).mean()),
               "zero_advantage_rows": int((adv == 0).sum()), "curves": []}
@@ -313,6 +324,60 @@ def estimator_variance(base_cfg, cfg: StudyConfig) -> dict:
     if bar is not None:
         bar.close()
     return result
+
+
+def _flat_gradient(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).double() for x, p in zip(grads, params)])
+
+
+def direct_gradient(policy, rollout, adv, plan, eps_low: float = 0.2, eps_high: float = 0.2) -> torch.Tensor:
+    """The gradient of the AGRPO loss of `plan`, flattened, straight from autograd."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    loss, _ = agrpo_loss(policy, rollout, adv, plan=plan, eps_low=eps_low, eps_high=eps_high)
+    return _flat_gradient(loss, params)
+
+
+def draw_gradients(policy, rollout, adv, row_valid, eps_low: float = 0.2, eps_high: float = 0.2,
+                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, T], G [N, P] float64): the gradient of the token losses each live (row, step)
+    contributes with coefficient 1, computed once, one backward each.
+
+    The loss of any plan is a sum over its draws of coef x that draw's token losses, so its
+    gradient is sum_d coef_d G[index[row_d, t_d]] (`plan_gradient`): every estimate of the
+    variance study then costs a weighted sum instead of forwards and backwards."""
+    full = every_step_plan(rollout, row_valid=row_valid, eos_steps="include")  # exclude's steps are a subset
+    params = [p for p in policy.parameters() if p.requires_grad]
+    index = torch.full(tuple(rollout.step.shape[:1]) + (rollout.config.steps,), -1, dtype=torch.long)
+    index[full.row, full.t] = torch.arange(full.row.numel())
+    per_draw = torch.zeros(full.row.numel(), sum(p.numel() for p in params), dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    todo = [i for i in range(full.row.numel()) if float(adv[full.row[i]]) != 0.0]  # no advantage: no gradient
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="per-step gradients", unit="step")
+    for i in todo:
+        plan = StepPlan(full.row[i:i + 1], full.t[i:i + 1], full.weight[i:i + 1], one, full.positions[i:i + 1],
+                        full.valid[i:i + 1], 1.0)
+        loss, _ = agrpo_loss(policy, rollout, adv, plan=plan, eps_low=eps_low, eps_high=eps_high)
+        per_draw[i] = _flat_gradient(loss, params)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return index, per_draw
+
+
+def plan_gradient(index: torch.Tensor, per_draw: torch.Tensor, plan) -> torch.Tensor:
+    """The gradient of the AGRPO loss of `plan` from the per-step gradients of `draw_gradients`."""
+    where = index[plan.row.cpu(), plan.t.cpu()]
+    if bool((where < 0).any()):
+        raise AgrpoError("the plan draws a step that is not live in the rollout")
+    c = torch.zeros(per_draw.shape[0], dtype=torch.float64)
+    c.index_add_(0, where, plan.coef.detach().cpu().double())
+    return c @ per_draw
 
 
 # ---- statistics --------------------------------------------------------------------------
@@ -391,6 +456,8 @@ def write_report(study: dict, out: Path) -> dict:
     _plot_ordering(study, s, out / "ordering.png")
     _plot_steps(study, s, out / "steps.png")
     _plot_variance(study["variance"], out / "variance.png")
+    if study.get("variance_eos"):
+        _plot_variance(study["variance_eos"], out / "variance_eos.png")
     tc = study["train_config"]
     budget = f"{tc['time_budget_s']:g} s of training a run" if tc["time_budget_s"] else f"{tc['max_steps']} steps a run"
     lines = [
@@ -429,12 +496,27 @@ def write_report(study: dict, out: Path) -> dict:
         cells = [f"{_f(row[o['objective']]['mean'])} [{_f(row[o['objective']]['low'])}, {_f(row[o['objective']]['high'])}]; "
                  f"{100 * row[o['objective']]['gain']:+.1f}" for o in s["ordering"]]
         lines.append(f"| {row['tokens_per_step']} | {row['steps']} | {_f(row['base'])} | " + " | ".join(cells) + " |")
-    v = study["variance"]
-    lines += ["", "![steps](steps.png)", "", "## 3. Variance of the AGRPO gradient estimate", "",
-              f"One batch of {v['rows']} rollouts of the base ({v['prompts']} prompts, one token a denoising step), mean reward {_f(v['reward_mean'])}; "
-              f"mean T_eff {_f(v['t_eff_mean']['include'], 2)} (include) / {_f(v['t_eff_mean']['exclude'], 2)} (exclude). "
-              f"Relative variance E||g_K - g||^2 / ||g||^2 over {v['repeats']} draws per cell (g: the exact every-step gradient):",
-              "", "| sampler | eos_steps | " + " | ".join(f"K={k}" for k in v["k"]) + " |", "|---|---|" + "---|" * len(v["k"])]
+    lines += ["", "![steps](steps.png)", "", "## 3. Variance of the AGRPO gradient estimate", ""]
+    lines += _variance_lines(study["variance"], "variance.png")
+    if study.get("variance_eos"):
+        lines += ["### On rollouts that stop early", "",
+                  "The study's rollouts never end on EOS early, so here the same measurement on a batch whose rows stop "
+                  "at different steps, where `eos_steps=include` (the EOS decisions are learned from) and `exclude` "
+                  "(the official truncation) are different estimators of different objectives.", ""]
+        lines += _variance_lines(study["variance_eos"], "variance_eos.png")
+    write_atomic(out / REPORT, "\n".join(lines))
+    return {"report": str(out / REPORT), "wall_s": study["wall_s"], **{
+        o["objective"]: {"mean": o["mean"], "low": o["low"], "high": o["high"], "gain": o["gain"]} for o in s["ordering"]},
+        "base": s["base"]["accuracy"]}
+
+
+def _variance_lines(v: dict, png: str) -> list[str]:
+    lines = [f"One batch of {v['rows']} rollouts of `{v.get('model', 'the base')}` on `{v.get('task', '')}` ({v['prompts']} prompts, "
+             f"one token a denoising step, {v.get('remasking', '')} remasking), mean reward {_f(v['reward_mean'])}; "
+             f"mean T_eff {_f(v['t_eff_mean']['include'], 2)} (include) / {_f(v['t_eff_mean']['exclude'], 2)} (exclude). "
+             f"Relative variance E||g_K - g||^2 / ||g||^2 over {v['repeats']} draws per cell (g: the exact every-step gradient "
+             "of the same eos_steps choice):",
+             "", "| sampler | eos_steps | " + " | ".join(f"K={k}" for k in v["k"]) + " |", "|---|---|" + "---|" * len(v["k"])]
     for c in v["curves"]:
         lines.append(f"| {c['sampler']} | {c['eos_steps']} | " + " | ".join(
             f"{x:.3g} ± {e:.2g}" for x, e in zip(c["relative_variance"], c["stderr"])) + " |")
@@ -445,11 +527,8 @@ def write_report(study: dict, out: Path) -> dict:
                   "unbiased estimator; largest ratio of the two over all cells: "
               + _f(max([b * v["repeats"] / x for c in v["curves"] for x, b in zip(c["relative_variance"], c["relative_bias2"])
                         if x > EXACT] or [float("nan")]), 2) + " (cells with no variance, the exact ones, left out).",
-              "", "![variance](variance.png)", ""]
-    write_atomic(out / REPORT, "\n".join(lines))
-    return {"report": str(out / REPORT), "wall_s": study["wall_s"], **{
-        o["objective"]: {"mean": o["mean"], "low": o["low"], "high": o["high"], "gain": o["gain"]} for o in s["ordering"]},
-        "base": s["base"]["accuracy"]}
+              "", f"![variance]({png})", ""]
+    return lines
 
 
 def _plot_ordering(study: dict, s: dict, path: Path) -> None:
