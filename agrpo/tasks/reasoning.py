@@ -284,6 +284,10 @@ class ReasoningTask:
     def user_message(self, row: dict) -> str:
         raise NotImplementedError
 
+    def baselines(self, rows: list[dict]) -> dict[str, float]:
+        """Reference accuracies that need no model: none for the paper's tasks."""
+        return {}
+
     def grade(self, completion, **row) -> float:
         raise NotImplementedError
 
