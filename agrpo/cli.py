@@ -126,11 +126,16 @@ def _run(argv: list[str]) -> int:
         print(describe_config(cls))
         return 0
     path, overrides = parse_cli_overrides(_normalise(rest))
-    if path is None and command == "train":
-        from agrpo.recipes.rl import default_preset
+    if command == "train" and load_config(cls, path, overrides, validate=False).resume:
+        from agrpo.recipes.rl import resume_config
 
-        path = default_preset()
-    cfg = load_config(cls, path, overrides)
+        cfg = resume_config(path, overrides)  # the run's own settings, what was passed on top
+    else:
+        if path is None and command == "train":
+            from agrpo.recipes.rl import default_preset
+
+            path = default_preset()
+        cfg = load_config(cls, path, overrides)
     result = fn(cfg)
     if _is_main_process():  # under torchrun every process returns the same summary: print it once
         print(json.dumps(result))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -162,23 +163,47 @@ def _validate(obj) -> None:
         obj.validate()
 
 
-def load_config(cls, path: str | None = None, overrides=()):
-    """Defaults, then the YAML file, then `key=value` overrides; validated."""
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from a file, or one clear line saying why not."""
+    p = Path(path)
+    if not p.is_file():
+        raise AgrpoError(f"config file {path} not found: pass an existing YAML file with -c")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise AgrpoError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise AgrpoError(f"config file {path} holds no key: value mapping")
+    return data
+
+
+def load_config(cls, path: str | None = None, overrides=(), base: dict | None = None, validate: bool = True):
+    """Defaults, then `base` (e.g. a run's saved configuration), then the YAML file, then
+    `key=value` overrides; validated unless told (each value is checked for its type either way)."""
     cfg = cls()
+    if base:
+        _apply(cfg, base)
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise AgrpoError(f"config file {path} not found: pass an existing YAML file with -c")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            line = getattr(getattr(err, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise AgrpoError(f"config file {path} is not valid YAML{where}") from None
-        _apply(cfg, data)
+        _apply(cfg, read_yaml(path))
     _apply(cfg, _nested_dict(overrides))
-    _validate(cfg)
+    if validate:
+        _validate(cfg)
     return cfg
+
+
+def given_keys(path: str | None = None, overrides=()) -> set[str]:
+    """The dotted keys a YAML file and `key=value` overrides set, e.g. {"seed", "lora.r"}."""
+
+    def walk(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    return set(walk(read_yaml(path) if path else {})) | set(walk(_nested_dict(overrides)))
 
 
 def config_to_dict(cfg) -> dict:

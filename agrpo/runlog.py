@@ -160,6 +160,31 @@ def resolve_run_name(output_dir: str | os.PathLike, name: str, derived: str, res
     return started[-1] if resume and started else candidate
 
 
+def run_status(run_dir: str | os.PathLike) -> str:
+    """"finished" (a summary of the final weights), "interrupted" (Ctrl-C: a summary saying so),
+    "crashed" (started, no summary) or "new"."""
+    run_dir = Path(run_dir)
+    if not _started(run_dir):
+        return "new"
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return "crashed"
+    return "interrupted" if summary.get("interrupted") else "finished"
+
+
+def resumable_runs(output_dir: str | os.PathLike) -> list[Path]:
+    """The started runs under `output_dir` that saved their configuration: those that did not
+    finish (interrupted or crashed) first, then the finished ones; the newest first in each."""
+    root = Path(output_dir)
+    runs = [d for d in root.iterdir() if d.is_dir() and (d / CONFIG).is_file() and _started(d)] if root.is_dir() else []
+
+    def active(d: Path) -> float:  # metrics.jsonl grows every step; a checkpoint-only run has its folder
+        return max((p.stat().st_mtime for p in (d / METRICS, d / "checkpoints") if p.exists()), default=0.0)
+
+    return sorted(runs, key=lambda d: (run_status(d) == "finished", -active(d)))
+
+
 def make_run_dir(output_dir: str | os.PathLike, name: str, resume: bool) -> Path:
     """Create `output_dir/name`, refusing to overwrite a run that already logged metrics."""
     if not name or not str(name).strip():

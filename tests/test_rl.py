@@ -292,3 +292,36 @@ def test_a_time_budgeted_bar_shows_the_time_left(tmp_path):
     assert " 56%" in text
     both = load_config(RLConfig, None, [f"output_dir={tmp_path}", "time_budget_s=540", "max_steps=50"])
     assert rl._postfix(both, 50, 12, {"reward_mean": 0.5, "wall_s": 300.4}, None)["time_left"] == "04:00"
+
+
+def test_resume_without_a_name_continues_the_newest_unfinished_run_with_its_own_settings(tiny_dir, tmp_path, capsys):
+    def args(*extra):
+        return [f"model={tiny_dir}", f"output_dir={tmp_path}", "prompts_per_step=2", "group_size=2",
+                "sampling.steps=4", "eval_sampling.steps=4", "eval_size=4", "eval_every=0", "save_every=1",
+                "time_budget_s=0", "train_pool=16", "progress=false", "num_samples=2", *extra]
+
+    assert main(["train", *args("max_steps=1")]) == 0
+    assert main(["train", *args("max_steps=1", "seed=1", "lr=1e-3")]) == 0
+    seed1 = tmp_path / "tiny-sudoku-agrpo-seed1"
+    (seed1 / "summary.json").write_text(json.dumps({"interrupted": True}))  # as Ctrl-C leaves it
+    assert main(["train", *args("max_steps=1", "objective=diffu_grpo")]) == 0  # newer, but finished
+    capsys.readouterr()
+    # no seed passed: the seed-1 run continues with its own seed and learning rate
+    assert main(["train", "resume=true", "max_steps=2", f"output_dir={tmp_path}", "progress=false"]) == 0
+    out = capsys.readouterr()
+    assert f"agrpo: resuming {seed1} (interrupted)" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["steps"] == 2 and len(read(seed1)) == 3
+    saved = load_config(RLConfig, str(seed1 / "config.yaml"))
+    assert (saved.seed, saved.lr, saved.max_steps) == (1, 1e-3, 2)
+    # every run has finished: the newest one matching what was passed
+    assert main(["train", "resume=true", "objective=diffu_grpo", "max_steps=2", f"output_dir={tmp_path}"]) == 0
+    assert f"resuming {tmp_path / 'tiny-sudoku-diffu-grpo'} (finished)" in capsys.readouterr().err
+    # a named run resumed with other settings than its own is refused in one line
+    assert main(["train", "name=tiny-sudoku-agrpo", "resume=true", "seed=2", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was run with seed=0 (now 2): resume it with its own settings" in err[0], err
+    with pytest.raises(rl.AgrpoError, match=r"was run with lr=0.001 \(now 0.01\)"):
+        rl.train(small(tiny_dir, tmp_path, name="tiny-sudoku-agrpo-seed1", seed=1, lr=1e-2, max_steps=3, resume=True))
+    # nothing to resume yet: a new run, said so
+    assert main(["train", *args("max_steps=1", "seed=5", "resume=true")]) == 0
+    assert "no run in" in capsys.readouterr().err and (tmp_path / "tiny-sudoku-agrpo-seed5").is_dir()

@@ -22,6 +22,7 @@ sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +34,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
-from agrpo.config import config_to_dict
+from agrpo.config import config_to_dict, given_keys, load_config, read_yaml
 from agrpo.data import decode_completions, encode_prompts
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
@@ -46,7 +47,8 @@ from agrpo.objectives.agrpo import padding_plan, plan_steps
 from agrpo.objectives.diffu_grpo import loss_count
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import (
-    RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, save_resolved_config, write_summary,
+    CONFIG, RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, resumable_runs, run_status,
+    save_resolved_config, write_summary,
 )
 from agrpo.sampling import Rollout, SamplingConfig, generate, paper_eval_sampling
 from agrpo.step_metrics import (
@@ -83,7 +85,7 @@ class RLConfig:
     )
     output_dir: str = field(default="runs", metadata={"help": "folder holding all runs"})
     seed: int = field(default=0, metadata={"help": "seed of data order, rollouts and step draws"})
-    resume: bool = field(default=False, metadata={"help": "continue <output_dir>/<name> from its latest checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue <output_dir>/<name> from its latest checkpoint with its saved settings (no name: the newest unfinished run agreeing with the keys passed)"})
     # model and task
     model: str = field(default="tiny:sudoku", metadata={"help": "base model: tiny:<task>, a local directory or a hub name"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -222,6 +224,69 @@ def default_preset() -> str:
     return str(path)
 
 
+# what a resumed run may change: how long it goes on and what it reports, never what it computes
+RESUME_FREE = frozenset({
+    "name", "output_dir", "resume", "max_steps", "epochs", "time_budget_s", "eval_every", "save_every",
+    "keep_checkpoints", "log_samples_every", "report_to", "progress",
+})
+
+
+def resume_conflicts(saved: dict, cfg: RLConfig) -> list[str]:
+    """The settings (dotted keys) in which `cfg` differs from a run's saved configuration, as
+    "key=saved (now current)"; keys outside RESUME_FREE only, keys both know only."""
+    import yaml
+
+    now = flat_config(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))  # saved as YAML: compare as YAML
+    then = flat_config(saved)
+    return [f"{k}={then[k]} (now {now[k]})" for k in now if k in then and k not in RESUME_FREE and now[k] != then[k]]
+
+
+def check_resumable(run_dir: Path, cfg: RLConfig) -> None:
+    """Refuse, in one line, to continue a run with settings other than its own."""
+    if not (run_dir / CONFIG).is_file():
+        return
+    conflicts = resume_conflicts(read_yaml(run_dir / CONFIG), cfg)
+    if conflicts:
+        raise AgrpoError(
+            f"{run_dir} was run with {', '.join(conflicts)}: resume it with its own settings (only "
+            f"{', '.join(sorted(RESUME_FREE - {'name', 'output_dir', 'resume'}))} may change) or start a new run"
+        )
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from the first process only (before accelerate knows the ranks)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
+def resume_config(preset: str | None, overrides: list[str]) -> RLConfig:
+    """What `agrpo train resume=true [name=...] [key=value ...]` continues: the run's own saved
+    configuration with what was passed on top. Without a name, the newest run under output_dir
+    that did not finish (else the newest finished one) among those whose saved settings agree
+    with every non-budget key passed; none: a new run, said so."""
+    given = load_config(RLConfig, preset, overrides, validate=False)  # the run's settings complete it
+    keys = given_keys(preset, overrides) - RESUME_FREE
+    wanted = flat_config(config_to_dict(given))
+    if given.name:
+        chosen = Path(given.output_dir) / given.name
+        chosen = chosen if (chosen / CONFIG).is_file() else None
+    else:
+        chosen = next(
+            (d for d in resumable_runs(given.output_dir)
+             if not resume_conflicts({k: v for k, v in flat_config(read_yaml(d / CONFIG)).items() if k in keys},
+                                     given)),
+            None,
+        )
+    if chosen is None:
+        what = f"{Path(given.output_dir) / given.name}" if given.name else f"{given.output_dir}/ with these settings"
+        _say(f"agrpo: no run in {what} to resume: starting a new one")
+        return load_config(RLConfig, preset or default_preset(), overrides)
+    cfg = load_config(RLConfig, preset, [*overrides, f"name={chosen.name}"], base=read_yaml(chosen / CONFIG))
+    check_resumable(chosen, cfg)
+    _say(f"agrpo: resuming {chosen} ({run_status(chosen)})")
+    return cfg
+
+
 def planned_steps(cfg: RLConfig, train_rows: int) -> int:
     """Optimizer steps of the run: max_steps, or the epochs over the training rows, the smaller of the
     two when both are set; 0 when only the time budget ends the run."""
@@ -303,6 +368,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     # the run directory is created only once the task, the data and the model have loaded: a
     # mistake there leaves no empty folder behind and is not hidden by a name clash
     run_dir = Path(cfg.output_dir) / cfg.name
+    if cfg.resume:
+        check_resumable(run_dir, cfg)
     task = get_task(cfg.task, held_out=cfg.exclude_file or cfg.eval_data or None)
     check_model_fits(task, cfg.model)
     recorder = RewardRecorder(task)
