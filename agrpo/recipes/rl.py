@@ -266,7 +266,6 @@ def resume_config(preset: str | None, overrides: list[str]) -> RLConfig:
     with every non-budget key passed; none: a new run, said so."""
     given = load_config(RLConfig, preset, overrides, validate=False)  # the run's settings complete it
     keys = given_keys(preset, overrides) - RESUME_FREE
-    wanted = flat_config(config_to_dict(given))
     if given.name:
         chosen = Path(given.output_dir) / given.name
         chosen = chosen if (chosen / CONFIG).is_file() else None
