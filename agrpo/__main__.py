@@ -1,7 +1,5 @@
 """`python -m agrpo ...` is `agrpo ...`."""
 
-import sys
+from agrpo.cli import entry
 
-from agrpo.cli import main
-
-sys.exit(main())
+entry()

@@ -168,5 +168,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `agrpo` command and `python -m agrpo`: `main`, then leave.
+
+    Under a multi-process launch (torchrun) a process leaves with `os._exit` once its output
+    is flushed: by then every result is on disk and every collective has returned, and the
+    interpreter's teardown would otherwise destroy gloo's worker threads from static
+    destructors, which now and then aborts a process (SIGABRT) after its work is done.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

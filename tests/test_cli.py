@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,19 @@ def test_module_entry_point_and_version():
 def test_closed_pipe_exits_quietly():
     rc, _, err = _run("config", "train", close_stdout=True)
     assert rc == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_a_process_of_a_multi_process_launch_skips_the_interpreter_teardown():
+    # gloo's threads destroyed during teardown now and then abort a finished process: under
+    # torchrun a process leaves at once after flushing, with the command's exit code
+    script = ("import atexit, sys; atexit.register(lambda: print('teardown ran', flush=True)); "
+              "sys.argv = ['agrpo', *sys.argv[1:]]; from agrpo.cli import entry; entry()")
+    for world, args, code in (("2", ["--version"], 0), ("2", ["bogus"], 2), ("1", ["--version"], 0)):
+        env = {**os.environ, "WORLD_SIZE": world}
+        proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == code, proc.stderr
+        assert ("teardown ran" in proc.stdout) == (world == "1"), proc.stdout
+        assert (proc.stdout.startswith("agrpo ") if code == 0 else "unknown command" in proc.stderr)
 
 
 def test_unknown_command_is_one_line(capsys):
