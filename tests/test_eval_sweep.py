@@ -264,7 +264,7 @@ def test_the_task_follows_the_model_and_a_mismatch_is_one_line(tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", "task=tiny-countdown", "eval_size=4", f"out={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tiny:sudoku was made for task 'tiny-sudoku', not 'tiny-countdown'" in err[0]
+    assert len(err) == 1 and "tiny:sudoku-rows-boxes was made for task 'tiny-sudoku', not 'tiny-countdown'" in err[0]
     countdown_file = tmp_path / "cd.jsonl"
     countdown_file.write_text('{"input": "1,2,3", "output": "6"}\n')
     assert main(["eval", f"data={countdown_file}", "eval_size=1", f"out={tmp_path / 'y'}"]) == 2

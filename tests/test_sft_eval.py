@@ -68,6 +68,13 @@ def test_eval_on_the_paper_split_through_the_cli(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == res["accuracy"]
 
 
+def test_eval_without_a_model_evaluates_the_base_the_default_run_starts_from():
+    # `agrpo eval` then `agrpo eval model=runs/NAME` is the default run's before and after
+    from agrpo.recipes.rl import RLConfig, default_preset
+
+    assert EvalConfig().model == load_config(RLConfig, default_preset(), []).model == "tiny:sudoku-rows-boxes"
+
+
 def test_exclude_file_keeps_its_problems_out_of_training(tmp_path, monkeypatch, capsys):
     import agrpo.recipes.sft as sft
     from agrpo.tasks import get_task

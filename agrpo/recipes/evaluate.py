@@ -56,7 +56,7 @@ _SWEEP_HELP = "; a comma list sweeps (cross product with the other swept fields)
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="tiny:sudoku", metadata={"help": "tiny:<task>, a saved model/checkpoint/run directory or a hub name; a comma list evaluates each"})
+    model: str = field(default="tiny:sudoku-rows-boxes", metadata={"help": "the base `agrpo train` starts from unless given: tiny:<task>, a saved model/checkpoint/run directory or a hub name; a comma list evaluates each"})
     task: str = field(default="", metadata={"help": "task name (tiny-sudoku, tiny-countdown; gsm8k, math, countdown, sudoku); empty: the task the model was made for (tiny:<x>, a run's config.yaml), else tiny-sudoku"})
     data: str = field(default="", metadata={"help": "a test file in the task's public format; empty: the generated held-out set (tiny tasks) or the public test split"})
     eval_size: int = field(default=256, metadata={"help": "problems evaluated (the first N of the set)"})
