@@ -1,6 +1,6 @@
 """agrpo train | sft | eval | bench | config
 
-    agrpo train [-c preset.yaml] [key=value ...]     RL (AGRPO by default; no -c: configs/tiny_sudoku.yaml)
+    agrpo train [-c preset.yaml] [key=value ...]     RL (AGRPO by default; no -c: the task's defaults, configs/tiny_sudoku.yaml for the default task)
     agrpo sft   [-c preset.yaml] [key=value ...]     masked-diffusion supervised training
     agrpo eval  [-c preset.yaml] [key=value ...]     held-out accuracy
     agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
@@ -130,11 +130,13 @@ def _run(argv: list[str]) -> int:
         from agrpo.recipes.rl import resume_config
 
         cfg = resume_config(path, overrides)  # the run's own settings, what was passed on top
-    else:
-        if path is None and command == "train":
-            from agrpo.recipes.rl import default_preset
+    elif command == "train":
+        from agrpo.presets import train_config
 
-            path = default_preset()
+        cfg, line = train_config(path, overrides)  # the task's defaults under the preset, said on the first line
+        if _is_main_process():
+            print(line, file=sys.stderr)
+    else:
         cfg = load_config(cls, path, overrides)
     result = fn(cfg)
     if _is_main_process():  # under torchrun every process returns the same summary: print it once

@@ -13,6 +13,22 @@ def render_messages(messages: list[dict]) -> str:
     return "\n\n".join(str(m.get("content", "")) for m in messages) + "\n\n"
 
 
+def resolve_chat_template(setting: bool | None, tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template: `setting` when given (true needs a
+    template), else whether the tokenizer has one (instruct models do, base models and the tiny
+    models do not). The value a run records is this one, the one it used."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting is None:
+        return has_template
+    if setting and not has_template:
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise AgrpoError(
+            f"chat_template=true but the tokenizer of {name} has no chat template: set chat_template=false "
+            "(plain prompts, as for a base model) or leave it unset"
+        )
+    return bool(setting)
+
+
 def _prompt_ids(tokenizer, prompt, chat_template: bool) -> list[int]:
     if isinstance(prompt, str):
         if not chat_template:
@@ -20,7 +36,7 @@ def _prompt_ids(tokenizer, prompt, chat_template: bool) -> list[int]:
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) and "content" in m for m in prompt):
         raise AgrpoError(f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}")
-    if not getattr(tokenizer, "chat_template", None):
+    if not chat_template:
         return list(tokenizer(render_messages(prompt), add_special_tokens=False)["input_ids"])
     ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
@@ -28,13 +44,14 @@ def _prompt_ids(tokenizer, prompt, chat_template: bool) -> list[int]:
     return list(ids)
 
 
-def encode_prompts(tokenizer, prompts: list, chat_template: bool = False, device=None):
+def encode_prompts(tokenizer, prompts: list, chat_template: bool | None = False, device=None):
     """Left-padded prompt ids and attention mask ([B, P] each).
 
-    A prompt is a string or a list of chat messages. Messages go through the tokenizer's
-    chat template (system and user turns, then the assistant's opening), or are joined as
-    plain paragraphs when the tokenizer has none. A string is encoded as it is, or, with
-    `chat_template`, as one user turn.
+    A prompt is a string or a list of chat messages. With `chat_template` (None: when the
+    tokenizer has one, `resolve_chat_template`), messages go through the tokenizer's chat
+    template (system and user turns, then the assistant's opening) and a string becomes one
+    user turn; without it, messages are joined as plain paragraphs and a string is encoded
+    as it is.
 
     Left padding keeps every completion starting at the same column, which the block
     sampler needs; the attention mask hides the padding and the policy derives position
@@ -42,6 +59,7 @@ def encode_prompts(tokenizer, prompts: list, chat_template: bool = False, device
     """
     if not prompts:
         raise AgrpoError("no prompts to encode")
+    chat_template = resolve_chat_template(chat_template, tokenizer)
     rows = []
     for prompt in prompts:
         ids = _prompt_ids(tokenizer, prompt, chat_template)

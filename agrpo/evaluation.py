@@ -105,7 +105,11 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0/n and n/n the bound that should equal the estimate is off by rounding (5.6e-17 above 0):
+    # pin it, and keep every interval around its estimate and inside [0, 1]
+    low = 0.0 if successes <= 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if successes >= n else max(p, min(1.0, centre + half))
+    return low, high
 
 
 def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:

@@ -66,6 +66,10 @@ class Family:
     # tokens that end a row besides EOS (looked up in the tokenizer where present)
     end_of_turn: tuple[str, ...] = ()
     shift_logits: bool = False
+    # the transformers class that reads the family's tokenizer files, for a tokenizer_config.json
+    # that names the hub's own tokenizer code (`remote_tokenizers`); None: what the files name
+    tokenizer_class: str | None = None
+    remote_tokenizers: tuple[str, ...] = ()
 
 
 LLADA = Family(
@@ -137,6 +141,10 @@ DREAM = Family(
     default_mask_id=151666,
     end_of_turn=("<|im_end|>",),
     shift_logits=True,
+    # DreamTokenizer (tokenization_dream.py) is Qwen2's byte-level BPE under another name: the same
+    # ids from the same vocab.json + merges.txt, without importing the hub's code
+    tokenizer_class="Qwen2Tokenizer",
+    remote_tokenizers=("DreamTokenizer",),
 )
 
 GENERIC = Family(name="generic")
@@ -181,6 +189,13 @@ def native_config(family: Family, hub: dict):
         raise AgrpoError(f"cannot map this {family.name} config.json onto {cls.__name__}: {e}") from e
     config.use_cache = False  # every denoising step sees a different sequence: nothing to cache
     return config
+
+
+def tokenizer_family(class_names) -> Family | None:
+    """The family whose hub tokenizer code is one of `class_names` (as a tokenizer_config.json
+    names it: `tokenization_dream.DreamTokenizer` or `DreamTokenizer`), if any."""
+    names = {str(n).rsplit(".", 1)[-1] for n in class_names if n}
+    return next((f for f in FAMILIES.values() if names & set(f.remote_tokenizers)), None)
 
 
 def family_of(config) -> Family:

@@ -150,15 +150,70 @@ def _auto_class(config, trust_remote_code: bool):
     )
 
 
-def _tokenizer(source: str, trust_remote_code: bool, config=None):
-    from transformers import AutoTokenizer
+def _whole_reason(e: BaseException) -> str:
+    """An exception's whole message on one line (transformers' often spans several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
-    # a given config spares AutoTokenizer from reading a config.json it cannot parse (LLaDA's, Dream's)
-    kwargs = {"config": config} if config is not None else {}
+
+def _tokenizer_config(source: str) -> dict:
+    """The tokenizer_config.json of a local folder or a cached / reachable hub repo ({} if none)."""
+    from transformers.utils import cached_file
+
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        found = cached_file(source, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return {}
+    if not found:
+        return {}
+    try:
+        data = json.loads(Path(found).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise AgrpoError(f"cannot load a tokenizer from {source}: {_first_line(e)}") from e
+        raise AgrpoError(f"cannot load a tokenizer from {source}: tokenizer_config.json is not valid JSON ({e})") from e
+    return data if isinstance(data, dict) else {}
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False, config=None):
+    """The tokenizer of a model folder or hub repo, never through the model's own code.
+
+    A tokenizer_config.json naming a tokenizer class of the hub's code (Dream's DreamTokenizer)
+    is read with the transformers class its family record names (`Family.tokenizer_class`); an
+    unknown one runs its own code only with `trust_remote_code` (its tokenization module alone,
+    not the modeling code). Any failure is one line with the whole reason.
+    """
+    import transformers
+
+    from agrpo.families import tokenizer_family
+
+    settings = _tokenizer_config(source)
+    named = settings.get("tokenizer_class")
+    remote = (settings.get("auto_map") or {}).get("AutoTokenizer") if isinstance(settings.get("auto_map"), dict) else None
+    remote = [r for r in (remote if isinstance(remote, (list, tuple)) else [remote]) if isinstance(r, str)]
+    native_names = (named, str(named).removesuffix("Fast")) if named else ()
+    needs_code = bool(named) and not any(hasattr(transformers, n) for n in native_names)
+    native = None
+    if needs_code:
+        family = tokenizer_family([named, *remote])
+        if family is not None:
+            native = family.tokenizer_class
+        elif not trust_remote_code:
+            raise AgrpoError(
+                f"the tokenizer in {source} is {named}, a class of the model's own code that agrpo does not read "
+                "natively: pass trust_remote_code=true to run its tokenizer code"
+            )
+    try:
+        if native is not None:
+            tokenizer = getattr(transformers, native).from_pretrained(source)
+        else:
+            # a given config spares AutoTokenizer from reading a config.json it cannot parse (LLaDA's, Dream's)
+            kwargs = {"config": config} if config is not None else {}
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, trust_remote_code=bool(trust_remote_code and needs_code), **kwargs
+            )
+    except (OSError, ValueError, ImportError, TypeError, AttributeError, KeyError) as e:
+        raise AgrpoError(f"cannot load a tokenizer from {source}: {_whole_reason(e)}") from e
+    tokenizer.padding_side = "left"  # prompts end where the completion starts (agrpo.data.encode_prompts)
+    return tokenizer
 
 
 def _require_mask_token(model: nn.Module, name: str) -> None:
@@ -311,9 +366,13 @@ def _load_model(source: str, opts: dict):
         kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
     elif opts["device_map"] is not None:
         kwargs["device_map"] = opts["device_map"]
-    prepare_remote_code(cls, source, **kwargs)
     try:
+        prepare_remote_code(cls, source, **kwargs)
         model = cls.from_pretrained(source, **kwargs)
+    except ImportError as e:  # the hub's own code imports what this machine lacks (flash_attn, ...)
+        native = (f": agrpo reads the {family.name} format itself, leave trust_remote_code unset"
+                  if family.native_class else "")
+        raise AgrpoError(f"the model code shipped with {source} cannot be imported ({_whole_reason(e)}){native}") from e
     except OSError as e:
         raise AgrpoError(f"cannot load model weights from {source}: {_first_line(e)}") from e
     if hub is not None:
@@ -421,8 +480,8 @@ def load_model_and_tokenizer(
                 f"{path} has no tokenizer files and records no base model: save the tokenizer there "
                 "with tokenizer.save_pretrained"
             )
-    tokenizer = _tokenizer(tok_source, trust_remote_code, model.config if hub is not None else None)
-    tokenizer.padding_side = "left"  # prompts end where the completion starts (agrpo.data.encode_prompts)
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code,
+                               config=model.config if hub is not None else None)
 
     from agrpo.families import annotate
 
@@ -456,8 +515,7 @@ def _load_adapter(path: Path, lora: dict | None, opts: dict):
         )
     base, tokenizer = load_model_and_tokenizer(base_source, **opts)
     if _has_tokenizer(path):
-        tokenizer = _tokenizer(str(path), opts["trust_remote_code"], base.config)
-        tokenizer.padding_side = "left"
+        tokenizer = load_tokenizer(str(path), trust_remote_code=opts["trust_remote_code"], config=base.config)
     try:
         with _peft_quietly():
             model = PeftModel.from_pretrained(base, str(path), is_trainable=lora is not None)

@@ -363,7 +363,8 @@ def plot_sweep(settings: list[dict], out_png: str | os.PathLike, title: str = ""
     ax = fig.subplots()
     for line in sweep_series(settings):
         acc = line["accuracy"]
-        err = [[a - lo for a, lo in zip(acc, line["low"])], [hi - a for a, hi in zip(acc, line["high"])]]
+        # an interval recorded by an older version may miss its estimate by rounding: never a negative bar
+        err = [[max(0.0, a - lo) for a, lo in zip(acc, line["low"])], [max(0.0, hi - a) for a, hi in zip(acc, line["high"])]]
         ax.errorbar(line["steps"], acc, yerr=err, marker="o", capsize=3, label=line["label"])
     steps = sorted({s["steps"] for s in settings})
     if steps and min(steps) > 0 and max(steps) / min(steps) >= 4:  # halving steps reads as equal spacing

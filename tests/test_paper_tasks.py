@@ -286,7 +286,7 @@ def test_hub_splits_and_overlap_removal(hub, tmp_path):
     assert tasks.get("math").load("train") == [{"problem": "p1", "answer": "1", "level": "Level 1"}]
     assert tasks.get("math").load("test") == [{"problem": "t", "answer": "2", "level": 2}]
     # countdown: three-number rows minus the held-out test problems (listed in any order)
-    with pytest.raises(AgrpoError, match="held_out"):
+    with pytest.raises(AgrpoError, match="eval_data=<file> or exclude_file=<file>"):
         tasks.get("countdown").load("train")
     held = write(tmp_path / "t.jsonl", [{"input": "2,1,3", "output": "6"}])
     assert tasks.get("countdown", held_out=held).load("train") == [{"nums": [4, 5, 6], "target": 15}]
@@ -298,7 +298,7 @@ def test_hub_failure_is_one_clear_line(hub, monkeypatch):
     hub.data.clear()
     with pytest.raises(AgrpoError, match=r"could not load openai/gsm8k \(test\) from the hub \(offline") as err:
         tasks.get("gsm8k").load("test")
-    assert "\n" not in str(err.value) and "path=" in str(err.value)
+    assert "\n" not in str(err.value) and "data=<file>" in str(err.value)
     # online but unreachable: one quick probe, not the hub client's retries
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
@@ -377,14 +377,20 @@ TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{%
 def test_encode_prompts_through_the_chat_template_or_plain_text():
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     tok = _char_tokenizer(TEMPLATE)
+    for setting in (True, None):  # unset: the tokenizer has a template, so it is used
+        ids, mask = encode_prompts(tok, [messages, "ab"], chat_template=setting)
+        assert tok.decode(ids[0][mask[0].bool()]) == "<system>S\n<user>U\n<assistant>"
+        assert tok.decode(ids[1][mask[1].bool()]) == "<user>ab\n<assistant>"  # a string as one user turn
+    # chat_template=false: plain text even though the tokenizer has a template (a base model's prompts)
     ids, mask = encode_prompts(tok, [messages, "ab"], chat_template=False)
-    assert tok.decode(ids[0][mask[0].bool()]) == "<system>S\n<user>U\n<assistant>"
+    assert tok.decode(ids[0][mask[0].bool()]) == render_messages(messages) == "S\n\nU\n\n"
     assert tok.decode(ids[1][mask[1].bool()]) == "ab" and mask[1].tolist()[:-2] == [0] * (ids.shape[1] - 2)
-    ids, mask = encode_prompts(tok, ["ab"], chat_template=True)  # a string as one user turn
-    assert tok.decode(ids[0]) == "<user>ab\n<assistant>"
     plain = _char_tokenizer(None)  # a base model: no template
-    ids, _ = encode_prompts(plain, [messages])
-    assert plain.decode(ids[0]) == render_messages(messages) == "S\n\nU\n\n"
+    for setting in (False, None):
+        ids, _ = encode_prompts(plain, [messages], chat_template=setting)
+        assert plain.decode(ids[0]) == render_messages(messages)
+    with pytest.raises(AgrpoError, match="chat_template=true but the tokenizer .* has no chat template"):
+        encode_prompts(plain, [messages], chat_template=True)
     with pytest.raises(AgrpoError, match="list of"):
         encode_prompts(tok, [[{"role": "user"}]])
 

@@ -322,6 +322,11 @@ def test_resume_without_a_name_continues_the_newest_unfinished_run_with_its_own_
     assert len(err) == 1 and "was run with seed=0 (now 2): resume it with its own settings" in err[0], err
     with pytest.raises(rl.AgrpoError, match=r"was run with lr=0.001 \(now 0.01\)"):
         rl.train(small(tiny_dir, tmp_path, name="tiny-sudoku-agrpo-seed1", seed=1, lr=1e-2, max_steps=3, resume=True))
-    # nothing to resume yet: a new run, said so
-    assert main(["train", *args("max_steps=1", "seed=5", "resume=true")]) == 0
+    # nothing to resume: resume=true is refused in one line naming the runs there, and starts nothing
+    assert main(["train", *args("max_steps=1", "seed=5", "resume=true")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run in" in err[0] and "tiny-sudoku-agrpo-seed1" in err[0] and "resume=auto" in err[0]
+    assert not (tmp_path / "tiny-sudoku-agrpo-seed5").exists()
+    # resume=auto: a new run when there is none, said so
+    assert main(["train", *args("max_steps=1", "seed=5", "resume=auto")]) == 0
     assert "no run in" in capsys.readouterr().err and (tmp_path / "tiny-sudoku-agrpo-seed5").is_dir()

@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from agrpo.data import resolve_chat_template
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import complete_rows, summarize
 from agrpo.fileio import write_atomic
@@ -76,7 +77,7 @@ class EvalConfig:
     mask_token_id: int | None = field(
         default=None, metadata={"help": "the [MASK] id, for a model whose config and tokenizer name none (unset: theirs)"}
     )
-    chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template"})
+    chat_template: bool | None = field(default=None, metadata={"help": "wrap prompts in the tokenizer's chat template (false: plain text, as for a base model); unset: when the tokenizer has one"})
     out: str = field(default="", metadata={"help": "output directory; empty: <run dir>/eval for a run's model, else evals/<model name>"})
     output: str = field(default="", metadata={"help": "also write per-problem results of a single setting to this JSON file"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar over all the work"})
@@ -273,6 +274,7 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
             model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id
         )
         policy = Policy(loaded, shift_logits=shift_logits_of(loaded, cfg.shift_logits)).to(accelerator.device)
+        templated = resolve_chat_template(cfg.chat_template, tokenizer)
         if bar is None and cfg.progress and main:  # after a load, so that a bad model= stays one line
             from tqdm.auto import tqdm
 
@@ -287,10 +289,10 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
                 gen = torch.Generator(device=accelerator.device)
                 gen.manual_seed(_batch_seed(cfg.seed, model, b.setting, b.rows.start))
                 rows = [examples[r] for r in b.rows]
-                completed = complete_rows(policy, tokenizer, task, rows, b.sampling, gen, cfg.chat_template)
+                completed = complete_rows(policy, tokenizer, task, rows, b.sampling, gen, templated)
                 for r, rec in zip(b.rows, completed):
                     records.append({"task": task.name, "model": model, "model_version": versions[model],
-                                    "setting": b.setting, "row": r, **rec})
+                                    "setting": b.setting, "row": r, "chat_template": templated, **rec})
             records = gather_object(records) if world > 1 else records
             generated += len(records)
             if main:
@@ -321,13 +323,17 @@ def _write_results(cfg, task_name, models, found, out: Path, wall_s: float, gene
     """results.json, the plot (and the `output=` file) from (model, setting, records in row order)."""
     results = [
         {"model": model, "gen_length": s.gen_length, "block_length": s.block_length, "steps": s.steps,
+         "chat_template": records[0].get("chat_template", cfg.chat_template),
          **summarize([r["grade"] for r in records], [r["rewards"] for r in records])}
         for model, s, records in found
     ]
     n = len(found[0][2])
     sampling = {k: v for k, v in asdict(cfg.sampling).items() if k not in SWEPT}
+    # what the prompts went through, as used (unset resolves per model's tokenizer)
+    used = {r["model"]: r["chat_template"] for r in results}
+    templated = next(iter(used.values())) if len(set(used.values())) == 1 else used
     report = {"task": task_name, "data": cfg.data or None, "eval_size": n, "models": models,
-              "sampling": sampling, "chat_template": cfg.chat_template, "settings": results}
+              "sampling": sampling, "chat_template": templated, "settings": results}
     write_atomic(out / RESULTS, json.dumps(report, indent=1) + "\n")
     plot_sweep(results, out / PLOT, title=f"{task_name}, {n} problems")
     if cfg.output:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from agrpo.config import config_to_dict, given_keys, load_config, read_yaml
-from agrpo.data import decode_completions, encode_prompts
+from agrpo.data import decode_completions, encode_prompts, resolve_chat_template
 from agrpo.errors import AgrpoError
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
@@ -85,7 +85,7 @@ class RLConfig:
     )
     output_dir: str = field(default="runs", metadata={"help": "folder holding all runs"})
     seed: int = field(default=0, metadata={"help": "seed of data order, rollouts and step draws"})
-    resume: bool = field(default=False, metadata={"help": "continue <output_dir>/<name> from its latest checkpoint with its saved settings (no name: the newest unfinished run agreeing with the keys passed)"})
+    resume: bool | Literal["auto"] = field(default=False, metadata={"help": "true: continue <output_dir>/<name> from its latest checkpoint with its saved settings (no name: the newest unfinished run agreeing with the keys passed), refused when there is none; auto: the same, or a new run when there is none"})
     # model and task
     model: str = field(default="tiny:sudoku", metadata={"help": "base model: tiny:<task>, a local directory or a hub name"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
@@ -100,7 +100,7 @@ class RLConfig:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, slower)"})
-    chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the tokenizer's chat template"})
+    chat_template: bool | None = field(default=None, metadata={"help": "wrap prompts in the tokenizer's chat template (false: plain text, as for a base model); unset: when the tokenizer has one"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (r=0: off)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 4 bits (needs bitsandbytes + GPU)"})
     task: str = field(default="tiny-sudoku", metadata={"help": "task name (tiny-sudoku, tiny-countdown; gsm8k, math, countdown, sudoku)"})
@@ -217,11 +217,11 @@ class RLConfig:
 
 
 def default_preset() -> str:
-    """What `agrpo train` runs without -c: the tiny Sudoku preset, the only run with a time budget."""
-    path = Path(__file__).resolve().parents[2] / "configs" / "tiny_sudoku.yaml"
-    if not path.is_file():
-        raise AgrpoError(f"agrpo train without -c runs {path}, which this installation lacks: pass -c <preset.yaml>")
-    return str(path)
+    """What `agrpo train` runs with no -c and no task: the tiny Sudoku preset (agrpo.presets)."""
+    from agrpo.presets import tiny_preset
+    from agrpo.tasks import DEFAULT_TASK
+
+    return tiny_preset(DEFAULT_TASK)
 
 
 # what a resumed run may change: how long it goes on and what it reports, never what it computes
@@ -231,6 +231,10 @@ RESUME_FREE = frozenset({
 })
 
 
+# settings that, left unset, a run resolves once the model is loaded and records resolved
+RESOLVED_AT_LOAD = frozenset({"chat_template"})
+
+
 def resume_conflicts(saved: dict, cfg: RLConfig) -> list[str]:
     """The settings (dotted keys) in which `cfg` differs from a run's saved configuration, as
     "key=saved (now current)"; keys outside RESUME_FREE only, keys both know only."""
@@ -238,7 +242,10 @@ def resume_conflicts(saved: dict, cfg: RLConfig) -> list[str]:
 
     now = flat_config(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))  # saved as YAML: compare as YAML
     then = flat_config(saved)
-    return [f"{k}={then[k]} (now {now[k]})" for k in now if k in then and k not in RESUME_FREE and now[k] != then[k]]
+    # left unset, they are the model's to choose: the saved value is what it chose
+    unset = {k for k in RESOLVED_AT_LOAD if getattr(cfg, k) is None}
+    return [f"{k}={then[k]} (now {now[k]})" for k in now
+            if k in then and k not in RESUME_FREE | unset and now[k] != then[k]]
 
 
 def check_resumable(run_dir: Path, cfg: RLConfig) -> None:
@@ -278,8 +285,17 @@ def resume_config(preset: str | None, overrides: list[str]) -> RLConfig:
         )
     if chosen is None:
         what = f"{Path(given.output_dir) / given.name}" if given.name else f"{given.output_dir}/ with these settings"
-        _say(f"agrpo: no run in {what} to resume: starting a new one")
-        return load_config(RLConfig, preset or default_preset(), overrides)
+        if given.resume != "auto":  # a mistyped name must not start a paper run over from its base
+            runs = [d.name for d in resumable_runs(given.output_dir)]
+            there = f"runs there: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''}" if runs else "none there"
+            raise AgrpoError(f"no run in {what} to resume ({there}): check name=, or pass resume=auto to start "
+                             "a new run when there is none to continue")
+        from agrpo.presets import train_config
+
+        cfg, line = train_config(preset, [*overrides, "resume=false"])
+        _say(f"agrpo: no run in {what} to resume: starting a new one (resume=auto)")
+        _say(line)
+        return cfg
     cfg = load_config(RLConfig, preset, [*overrides, f"name={chosen.name}"], base=read_yaml(chosen / CONFIG))
     check_resumable(chosen, cfg)
     _say(f"agrpo: resuming {chosen} ({run_status(chosen)})")
@@ -381,6 +397,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
         attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
         mask_token_id=cfg.mask_token_id,
     )
+    cfg = replace(cfg, chat_template=resolve_chat_template(cfg.chat_template, tokenizer))  # recorded as used
     shift_logits = shift_logits_of(model, cfg.shift_logits)
     policy = Policy(model, shift_logits=shift_logits).to(device)
     ref_logits_fn = None

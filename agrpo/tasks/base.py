@@ -35,6 +35,21 @@ Source = Callable[[int], "dict | None"]
 _STREAMS: dict[tuple, "_Stream"] = {}
 
 
+# the command-line keys that name a task's files, by what the file is for
+FILE_KEYS = {
+    "train": "train_data=<file>",
+    "test": "eval_data=<file> (agrpo train) or data=<file> (agrpo eval)",
+    "held_out": "eval_data=<file> or exclude_file=<file>",
+}
+
+
+def check_file(task: str, path, role: str) -> None:
+    """Refuse a missing file in one line that names the key it came from (`FILE_KEYS[role]`)."""
+    if not Path(path).is_file():
+        raise AgrpoError(f"no {task} file at {path}: pass {FILE_KEYS[role]} with an existing file in the task's "
+                         "public format")
+
+
 def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
@@ -91,6 +106,7 @@ class Task:
         # problems of a published test split may also come out of the generator; naming
         # that split here keeps them out of both generated sets
         if isinstance(held_out, (str, Path)):
+            check_file(self.name, held_out, "held_out")
             held_out = self._read(held_out)
         self._held_out = frozenset(self.key(row) for row in held_out or ())
 
@@ -133,6 +149,7 @@ class Task:
         if split not in ("train", "test"):
             raise AgrpoError(f"unknown split {split!r} for task {self.name!r}: choose train or test")
         if path:
+            check_file(self.name, path, split)
             rows = self._read(path)
             return [r for r in rows if self.key(r) not in self._held_out] if split == "train" else rows
         return self.train_examples(LOAD_TRAIN_ROWS, 0) if split == "train" else self.eval_examples(LOAD_TEST_ROWS)

@@ -27,6 +27,7 @@ import re
 from fractions import Fraction
 
 from agrpo.errors import AgrpoError
+from agrpo.tasks.base import FILE_KEYS
 from agrpo.tasks.reasoning import (
     ReasoningTask,
     RewardTerm,
@@ -161,7 +162,7 @@ class CountdownTask(ReasoningTask):
         if split == "test":
             raise AgrpoError(
                 "the Countdown test split is not on the hub: "
-                "pass path= a JSON-lines file such as countdown_cd3_test.jsonl"
+                f"pass {FILE_KEYS['test']}, a JSON-lines file such as countdown_cd3_test.jsonl"
             )
         records = hub_records(HUB_NAME, "train")[:HUB_ROWS]
         return [_row(r, HUB_NAME) for r in records if len(r.get("nums") or ()) == NUMBERS]
@@ -170,6 +171,6 @@ class CountdownTask(ReasoningTask):
         if not self.excluded:
             raise AgrpoError(
                 "countdown's hub training rows must leave out the test problems: "
-                "pass held_out= the test file (the RL recipe passes eval_data)"
+                f"pass the test file, {FILE_KEYS['held_out']}, such as countdown_cd3_test.jsonl"
             )
         return frozenset()

@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple
 from urllib.parse import urlparse
 
 from agrpo.errors import AgrpoError
+from agrpo.tasks.base import FILE_KEYS, check_file
 
 END_OF_TURN = (
     "<|eot_id|>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|end|>", "<|eos|>", "</s>", "<eos>",
@@ -227,7 +228,7 @@ def hub_records(name: str, split: str, config: str | None = None) -> list[dict]:
         import datasets
     except ImportError:
         raise AgrpoError(
-            f"loading {name} needs the datasets package: pip install datasets, or pass a file path"
+            f"loading {name} needs the datasets package: pip install datasets, or pass {FILE_KEYS.get(split, 'a local file')}"
         ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
         "HF_DATASETS_OFFLINE", ""
@@ -239,7 +240,7 @@ def hub_records(name: str, split: str, config: str | None = None) -> list[dict]:
             socket.create_connection((host, 443), timeout=5).close()
         except OSError:
             raise AgrpoError(
-                f"cannot reach {host} to download {name}: pass a local file with path=..., "
+                f"cannot reach {host} to download {name}: pass a local file, {FILE_KEYS.get(split, '')}, "
                 "or set HF_HUB_OFFLINE=1 to use a copy already in the datasets cache"
             ) from None
     try:
@@ -248,7 +249,7 @@ def hub_records(name: str, split: str, config: str | None = None) -> list[dict]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (offline: only datasets already in the cache load)" if offline else ""
         raise AgrpoError(
-            f"could not load {name} ({split}) from the hub{hint}: {first[:200]}: pass path=... instead"
+            f"could not load {name} ({split}) from the hub{hint}: {first[:200]}: pass a local file instead, {FILE_KEYS.get(split, '')}"
         ) from None
     return [dict(r) for r in data]
 
@@ -268,6 +269,7 @@ class ReasoningTask:
 
     def __init__(self, held_out=None):
         if isinstance(held_out, (str, Path)):
+            check_file(self.name, held_out, "held_out")
             held_out = self._read(held_out)
         self._held_out = frozenset(self.key(r) for r in held_out or ())
         self._cache: dict[tuple, list[dict]] = {}
@@ -315,6 +317,8 @@ class ReasoningTask:
             raise AgrpoError(f"unknown split {split!r} for task {self.name!r}: choose train or test")
         cache_key = (split, str(path) if path else None)
         if cache_key not in self._cache:
+            if path:
+                check_file(self.name, path, split)
             rows = self._read(path) if path else self._hub(split)
             if split == "train":
                 drop = self._held_out | (self._hub_test_keys() if not path else frozenset())

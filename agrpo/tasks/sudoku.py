@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 
 from agrpo.errors import AgrpoError
+from agrpo.tasks.base import FILE_KEYS
 from agrpo.tasks.reasoning import ReasoningTask, RewardTerm, answer_region, column, row_field, unbox
 from agrpo.tasks.tiny_sudoku import TinySudokuTask, load_sudoku_csv, score_sudoku
 
@@ -174,7 +175,9 @@ class SudokuTask(ReasoningTask):
 
     def _hub(self, split: str) -> list[dict]:
         if split == "test":
-            raise AgrpoError("the 4x4 Sudoku test split is not on the hub: pass path= a CSV such as sudoku4x4_test.csv")
+            raise AgrpoError(
+                f"the 4x4 Sudoku test split is not on the hub: pass {FILE_KEYS['test']}, a CSV such as sudoku4x4_test.csv"
+            )
         generator = TinySudokuTask(held_out=[{"puzzle": k} for k in self.excluded])
         rows = generator.train_examples(GENERATED_TRAIN_ROWS, 0)
         return [{"puzzle": r["puzzle"], "solution": r["solution"]} for r in rows]
