@@ -25,7 +25,7 @@ import sys
 # read once when torch loads, so it has to be set before any import of torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from agrpo.errors import AgrpoError  # noqa: E402
+from agrpo.errors import AgrpoError, say  # noqa: E402
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -134,8 +134,7 @@ def _run(argv: list[str]) -> int:
         from agrpo.presets import train_config
 
         cfg, line = train_config(path, overrides)  # the task's defaults under the preset, said on the first line
-        if _is_main_process():
-            print(line, file=sys.stderr)
+        say(line)
     else:
         cfg = load_config(cls, path, overrides)
     result = fn(cfg)
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except AgrpoError as err:
-        print(f"agrpo: error: {err}", file=sys.stderr)
+        say(f"agrpo: error: {err}")  # every process of a launch meets the same mistake: said once
         return 2
     except KeyboardInterrupt:
         command = argv[0] if argv else ""

@@ -282,19 +282,28 @@ def _hub_state_dict(model: nn.Module, family: Family) -> dict[str, torch.Tensor]
 
 
 def _copy_model_code(hub: dict, source: str | None, path: Path) -> None:
-    """The hub's modeling files next to the weights, where they can be found without a download."""
+    """The hub's modeling files next to the weights, where they can be found without a download:
+    the modules `auto_map` names and every module they import relatively (Dream's
+    modeling_dream.py imports generation_utils.py), as far as they are on disk."""
     if not source:
         return
+    from transformers.dynamic_module_utils import get_relative_imports
     from transformers.utils import cached_file
 
-    modules = {ref.split(".")[0] for ref in (hub.get("auto_map") or {}).values() if isinstance(ref, str)}
-    for module in sorted(modules):
+    todo = sorted({ref.split(".")[0] for ref in (hub.get("auto_map") or {}).values() if isinstance(ref, str)})
+    seen = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
         try:
             found = cached_file(source, f"{module}.py", local_files_only=True, _raise_exceptions_for_missing_entries=False)
         except (OSError, ValueError):
             found = None
         if found:
             shutil.copyfile(found, path / f"{module}.py")
+            todo += [name for name in get_relative_imports(found) if name not in seen]
 
 
 def save_in_family_format(model: nn.Module, tokenizer, path, max_shard_size: str = "5GB") -> Path:

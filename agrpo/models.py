@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import warnings
@@ -38,6 +39,30 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # remote code of LLaDA / Dream registers
 _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
 _LORA_KEYS = {"r", "alpha", "dropout", "target_modules"}
+
+
+class _KnownMapping(logging.Filter):
+    """Drops transformers' "model of type `llada` to instantiate a model of type `llama` ... can
+    yield errors" for the families agrpo maps on purpose (peft and checkpoint code reread the hub
+    config.json through the native config class); any other mismatch is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import transformers
+
+        from agrpo.families import FAMILIES
+
+        text = record.getMessage()
+        found = re.match(r"You are using a model of type `([^`]*)` to instantiate a model of type `([^`]*)`", text)
+        if not found:
+            return True
+        source, target = found.group(1).lower(), found.group(2)
+        for family in FAMILIES.values():
+            if source in family.model_types and family.native_class:
+                return getattr(transformers, family.native_class).config_class.model_type != target
+        return True
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(_KnownMapping())
 
 
 def _first_line(e: BaseException) -> str:

@@ -25,6 +25,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_PRESETS = {"tiny-sudoku": "tiny_sudoku.yaml", "tiny-countdown": "tiny_countdown.yaml"}
 # test files of the tasks whose test split is not on the hub, looked for where the run starts
 TEST_FILES = {"countdown": "countdown_cd3_test.jsonl", "sudoku": "sudoku4x4_test.csv"}
+# AGRPO's loss rows per forward on one 80 GB GPU, from the longest rendered prompt of each task
+# (Dream-v0-Instruct-7B's tokenizer: countdown 178, gsm8k 274, math 877, sudoku 1,234 tokens) plus the
+# 384-token completion; the arithmetic is in the header of configs/llada8b/<task>.yaml
+MAX_ROWS_PER_FORWARD = {"countdown": 64, "gsm8k": 64, "gsm8k-platinum": 64, "math": 32, "sudoku": 32}
 
 _SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _PAPER_EVAL = {"gen_length": 256, "block_length": 32, "steps": 128, "temperature": 0.0, "remasking": "low_confidence"}
@@ -39,7 +43,7 @@ PAPER_RECIPES = {
         **_RUN,
         "lora": {"r": 64, "alpha": 64, "target_modules": _SEVEN_PROJECTIONS},
         "objective": "agrpo", "group_size": 8, "num_samples": 24, "step_sampling": "low_discrepancy",
-        "importance": "entropy", "eps_low": 0.2, "eps_high": 0.2, "beta": 0.0, "max_rows_per_forward": 32,
+        "importance": "entropy", "eps_low": 0.2, "eps_high": 0.2, "beta": 0.0,
         "lr": 5e-6, "lr_schedule": "cosine", "warmup_ratio": 0.01, "weight_decay": 0.01, "grad_clip": 1.0,
         "sampling": {"gen_length": 384, "block_length": 12, "steps": 128, "temperature": 0.6, "top_p": 0.99,
                      "top_k": 150, "remasking": "random"},
@@ -70,6 +74,8 @@ def task_defaults(task: str, objective: str) -> dict:
     if task not in TASKS or TASKS[task].character_level:
         return {}
     defaults = copy.deepcopy(PAPER_RECIPES[objective])
+    if objective == "agrpo":
+        defaults["max_rows_per_forward"] = MAX_ROWS_PER_FORWARD.get(task, 32)
     if task in TEST_FILES:
         defaults["eval_data"] = TEST_FILES[task]
     return defaults

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -131,3 +132,67 @@ def test_paper_task_needs_a_natural_language_model(tmp_path):
     over = ["task=gsm8k", f"output_dir={tmp_path}", "progress=false", "max_steps=1"]
     with pytest.raises(AgrpoError, match="cannot read task 'gsm8k'"):
         rl.train(load_config(RLConfig, None, over))
+
+
+SHORT = [  # only lengths and counts, so that the run takes a second
+    "sampling.gen_length=8", "sampling.block_length=8", "sampling.steps=4", "num_samples=2",
+    "eval_sampling.gen_length=8", "eval_sampling.block_length=8", "eval_sampling.steps=4",
+    "prompts_per_step=2", "eval_size=2", "max_steps=1", "progress=false",
+]
+
+
+def test_a_paper_task_run_without_a_preset_saves_the_papers_settings(nl_model, tmp_path, capsys):
+    """`agrpo train model=... task=countdown` (no -c): the saved config.yaml holds the paper's recipe
+    wherever the command did not set a value, and the first line says where the settings came from."""
+    from agrpo.cli import main
+
+    train, test = write_data(tmp_path, "countdown")
+    args = [f"model={nl_model}", "task=countdown", f"train_data={train}", f"eval_data={test}", f"output_dir={tmp_path}"]
+    assert main(["train", *args, *SHORT]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("agrpo: task countdown's defaults, the paper's AGRPO recipe"), err[:2]
+    saved = yaml.safe_load((tmp_path / "countdown-agrpo" / "config.yaml").read_text())
+    assert {k: saved[k] for k in ("lr", "lr_schedule", "warmup_ratio", "time_budget_s", "epochs", "group_size",
+                                  "step_sampling", "importance", "eval_every", "max_rows_per_forward",
+                                  "gradient_checkpointing", "chat_template")} == {
+        "lr": 5e-6, "lr_schedule": "cosine", "warmup_ratio": 0.01, "time_budget_s": 0.0, "epochs": 1.0,
+        "group_size": 8, "step_sampling": "low_discrepancy", "importance": "entropy", "eval_every": 100,
+        "max_rows_per_forward": 64, "gradient_checkpointing": True, "chat_template": True}
+    assert saved["lora"]["r"] == 64 and len(saved["lora"]["target_modules"]) == 7
+    assert {k: saved["sampling"][k] for k in ("temperature", "top_p", "top_k", "remasking")} == {
+        "temperature": 0.6, "top_p": 0.99, "top_k": 150, "remasking": "random"}
+
+
+@pytest.mark.parametrize("setting", ["false", "true", None])
+def test_chat_template_is_used_as_recorded(nl_model, tmp_path, monkeypatch, setting):
+    """What a run and an evaluation record under chat_template is what their prompts went through:
+    false renders plain paragraphs, true and unset the tokenizer's template."""
+    from agrpo.cli import main
+    from agrpo.recipes import evaluate as ev
+
+    seen = []
+    real = ev.complete_rows
+
+    def spy(policy, tokenizer, task, rows, sampling, gen, chat_template):
+        from agrpo.data import encode_prompts
+
+        ids, mask = encode_prompts(tokenizer, [task.prompt(r) for r in rows], chat_template)
+        seen.append(tokenizer.decode(ids[0][mask[0].bool()]))
+        return real(policy, tokenizer, task, rows, sampling, gen, chat_template)
+
+    monkeypatch.setattr(ev, "complete_rows", spy)
+    _, test = write_data(tmp_path, "countdown")
+    over = [] if setting is None else [f"chat_template={setting}"]
+    out = tmp_path / "eval"
+    assert main(["eval", f"model={nl_model}", "task=countdown", f"data={test}", "eval_size=2", "gen_length=8",
+                 "block_length=8", "steps=4", "progress=false", f"out={out}", *over]) == 0
+    templated = setting != "false"
+    assert seen[0].startswith("<|system|>\n") == templated
+    if not templated:
+        assert seen[0].startswith(tasks.get("countdown").system_prompt[:30])
+    results = json.loads((out / "results.json").read_text())
+    assert results["chat_template"] is templated and results["settings"][0]["chat_template"] is templated
+    train, test = write_data(tmp_path, "countdown")
+    assert main(["train", f"model={nl_model}", "task=countdown", f"train_data={train}", f"eval_data={test}",
+                 f"output_dir={tmp_path}", "name=r", "lora.r=0", "gradient_checkpointing=false", *SHORT, *over]) == 0
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["chat_template"] is templated

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from agrpo.data import resolve_chat_template
-from agrpo.errors import AgrpoError
+from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import complete_rows, summarize
 from agrpo.fileio import write_atomic
 from agrpo.models import TINY_DIR, TINY_PREFIX, load_model_and_tokenizer, shift_logits_of
@@ -140,10 +140,8 @@ def sweep_settings(cfg: EvalConfig, character_level: bool) -> list[SamplingConfi
             "change those values"
         )
     if bad:
-        import warnings
-
         left_out = ", ".join(f"gen_length={s.gen_length} steps={s.steps}" for s, _ in bad)
-        warnings.warn(f"{len(bad)} of the {len(settings)} settings cannot run and are left out: {left_out}", stacklevel=2)
+        say(f"agrpo: warning: {len(bad)} of the {len(settings)} settings cannot run and are left out: {left_out}")
     return [s for s in settings if all(s is not b for b, _ in bad)]
 
 

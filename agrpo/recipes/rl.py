@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
 from agrpo.config import config_to_dict, given_keys, load_config, read_yaml
 from agrpo.data import decode_completions, encode_prompts, resolve_chat_template
-from agrpo.errors import AgrpoError
+from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
 from agrpo.distributed import (
@@ -260,10 +260,6 @@ def check_resumable(run_dir: Path, cfg: RLConfig) -> None:
         )
 
 
-def _say(line: str) -> None:
-    """One line on stderr, from the first process only (before accelerate knows the ranks)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(line, file=sys.stderr)
 
 
 def resume_config(preset: str | None, overrides: list[str]) -> RLConfig:
@@ -293,12 +289,12 @@ def resume_config(preset: str | None, overrides: list[str]) -> RLConfig:
         from agrpo.presets import train_config
 
         cfg, line = train_config(preset, [*overrides, "resume=false"])
-        _say(f"agrpo: no run in {what} to resume: starting a new one (resume=auto)")
-        _say(line)
+        say(f"agrpo: no run in {what} to resume: starting a new one (resume=auto)")
+        say(line)
         return cfg
     cfg = load_config(RLConfig, preset, [*overrides, f"name={chosen.name}"], base=read_yaml(chosen / CONFIG))
     check_resumable(chosen, cfg)
-    _say(f"agrpo: resuming {chosen} ({run_status(chosen)})")
+    say(f"agrpo: resuming {chosen} ({run_status(chosen)})")
     return cfg
 
 
