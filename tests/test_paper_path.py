@@ -218,7 +218,8 @@ def test_resuming_a_name_that_does_not_exist_is_refused(tmp_path, capsys):
     (tmp_path / "sudoku-run" ).mkdir()
     (tmp_path / "sudoku-run" / "config.yaml").write_text("task: tiny-sudoku\n")
     (tmp_path / "sudoku-run" / "metrics.jsonl").write_text('{"step": 0}\n')
-    assert main(["train", "name=sudoku-rnu", "resume=true", f"output_dir={tmp_path}"]) == 2
+    assert main(["train", "name=sudoku-rnu", "resume=true", f"output_dir={tmp_path}", "max_steps=1",
+                 "time_budget_s=0", "progress=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"no run in {tmp_path / 'sudoku-rnu'} to resume (runs there: sudoku-run)" in err[0]
     assert "resume=auto" in err[0] and not (tmp_path / "sudoku-rnu").exists()
