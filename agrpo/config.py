@@ -53,7 +53,9 @@ def _coerce(value, tp, key: str):
                 return _coerce(value, arg, key)
             except AgrpoError as err:
                 errors.append(str(err))
-        raise AgrpoError(errors[0] if errors else f"{key}: got {value!r}")
+        if len(errors) == 1:  # one type, maybe optional: its own message says what it takes
+            raise AgrpoError(errors[0] + (" (or null: unset)" if type(None) in args else ""))
+        raise AgrpoError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value in args:
             return value
