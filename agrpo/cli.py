@@ -25,7 +25,7 @@ import sys
 # read once when torch loads, so it has to be set before any import of torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from agrpo.errors import AgrpoError, say  # noqa: E402
+from agrpo.errors import AgrpoError  # noqa: E402
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -126,6 +126,7 @@ def _run(argv: list[str]) -> int:
         print(describe_config(cls))
         return 0
     path, overrides = parse_cli_overrides(_normalise(rest))
+    kwargs = {}
     if command == "train" and load_config(cls, path, overrides, validate=False).resume:
         from agrpo.recipes.rl import resume_config
 
@@ -133,14 +134,34 @@ def _run(argv: list[str]) -> int:
     elif command == "train":
         from agrpo.presets import train_config
 
-        cfg, line = train_config(path, overrides)  # the task's defaults under the preset, said on the first line
-        say(line)
+        # the task's defaults under the preset; the run says which on its first line, once it is set up
+        cfg, kwargs["origin"] = train_config(path, overrides)
     else:
         cfg = load_config(cls, path, overrides)
-    result = fn(cfg)
+    result = fn(cfg, **kwargs)
     if _is_main_process():  # under torchrun every process returns the same summary: print it once
         print(json.dumps(result))
     return 0
+
+
+def _say_once(line: str) -> None:
+    """`line` on stderr once per machine, however many processes of a launch meet the same mistake.
+
+    Whichever process gets there first says it (a launcher ends the others as soon as one process
+    fails, so waiting for the first process could lose the line): an exclusive marker file named
+    after the launch and the line decides.
+    """
+    launch = os.environ.get("TORCHELASTIC_RUN_ID")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and launch:
+        import hashlib
+        import tempfile
+
+        digest = hashlib.blake2b(f"{launch}\n{line}".encode(), digest_size=8).hexdigest()
+        try:
+            os.close(os.open(os.path.join(tempfile.gettempdir(), f"agrpo-said-{digest}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+    print(line, file=sys.stderr, flush=True)
 
 
 def _is_main_process() -> bool:
@@ -157,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except AgrpoError as err:
-        say(f"agrpo: error: {err}")  # every process of a launch meets the same mistake: said once
+        _say_once(f"agrpo: error: {err}")
         return 2
     except KeyboardInterrupt:
         command = argv[0] if argv else ""

@@ -120,14 +120,16 @@ def main() -> None:
 
     rl.generate = generate
 
-    real_advantages = rl.group_advantages
+    from agrpo.objectives import base as objective_base
+
+    real_advantages = objective_base.group_advantages
 
     def group_advantages(*a, **kw):
         advantages, valid = real_advantages(*a, **kw)
         record["kept_rows"] = record.get("kept_rows", 0) + int(valid.sum())
         return advantages, valid
 
-    rl.group_advantages = group_advantages
+    objective_base.group_advantages = group_advantages
 
     real_get_task = rl.get_task
     rl.get_task = lambda *a, **kw: _none_rewards(rl, real_get_task(*a, **kw), cfg)

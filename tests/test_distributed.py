@@ -165,7 +165,8 @@ def test_deepspeed_takes_one_optimizer_step_per_batch(monkeypatch, valid_rows):
     from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
 
     from agrpo.policy import Policy
-    from agrpo.recipes.rl import RLConfig, _agrpo_backward, _Part
+    from agrpo.objectives import Context, Part, get_objective
+    from agrpo.recipes.rl import RLConfig
     from agrpo.sampling import SamplingConfig, generate
     from conftest import prompts, tiny_model
 
@@ -174,7 +175,7 @@ def test_deepspeed_takes_one_optimizer_step_per_batch(monkeypatch, valid_rows):
     gen = torch.Generator().manual_seed(0)
     rollout = generate(policy, prompts(6, 4), None, sampling, gen)
     valid = torch.arange(6) < valid_rows
-    part = _Part(rollout, torch.linspace(-1, 1, 6), valid, [0.0] * 6, gen)
+    part = Part(rollout, torch.linspace(-1, 1, 6), valid, [0.0] * 6, gen)
     accelerator = Accelerator(cpu=True)
     monkeypatch.setattr(type(accelerator), "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
     engine = FakeEngine(torch.optim.SGD(policy.parameters(), lr=0.1))
@@ -182,7 +183,7 @@ def test_deepspeed_takes_one_optimizer_step_per_batch(monkeypatch, valid_rows):
     before = [p.detach().clone() for p in policy.parameters()]
 
     cfg = RLConfig(num_samples=4, max_rows_per_forward=5)
-    _agrpo_backward(cfg, accelerator, policy, [part], 0, None)
+    get_objective("agrpo").update(Context(accelerator, policy, None, cfg), [part], 0)
 
     chunks = -(-valid_rows * cfg.num_samples // cfg.max_rows_per_forward) or 1  # 24 draws in 5 chunks; or one zero
     assert engine.calls.count("backward") == chunks
@@ -213,20 +214,18 @@ def _concat(a, b):
 def _gradient(objective, normalization, parts):
     from accelerate import Accelerator
 
-    from agrpo.recipes.rl import RLConfig, _agrpo_backward, _diffu_grpo_backward
-    from agrpo.objectives import mean_field_logp, random_prompt_mask
+    from agrpo.objectives import Context, get_objective, mean_field_logp, random_prompt_mask
+    from agrpo.recipes.rl import RLConfig
 
     policy = parts[0].policy
     policy.zero_grad(set_to_none=True)
     # K = T_eff = 4 with stratified draws visits every step once: the draws do not depend on the split
     cfg = RLConfig(objective=objective, normalization=normalization, num_samples=4, max_rows_per_forward=3)
     for part in parts:
-        part.masks = [random_prompt_mask(part.rollout, 0.0)]
+        masks = [random_prompt_mask(part.rollout, 0.0)]
         with torch.no_grad():
-            part.olds = [mean_field_logp(policy, part.rollout, part.masks[0])]
-        part.refs = [None]
-    backward = _agrpo_backward if objective == "agrpo" else _diffu_grpo_backward
-    backward(cfg, Accelerator(cpu=True), policy, parts, 0, None)
+            part.state.update(masks=masks, olds=[mean_field_logp(policy, part.rollout, masks[0])], refs=[None])
+    get_objective(objective).update(Context(Accelerator(cpu=True), policy, None, cfg), parts, 0)
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
@@ -234,7 +233,7 @@ def _gradient(objective, normalization, parts):
 @pytest.mark.parametrize("normalization", ["sequence", "token"])
 def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, normalization):
     from agrpo.policy import Policy
-    from agrpo.recipes.rl import _Part
+    from agrpo.objectives import Part
     from agrpo.sampling import SamplingConfig, generate
     from conftest import prompts, tiny_model
 
@@ -247,7 +246,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(objective, normaliza
     ok_a, ok_b = torch.tensor([True, True, True]), torch.tensor([False, True, False])  # uneven, as over processes
 
     def part(rollout, adv, valid):
-        p = _Part(rollout, adv, valid, [0.0] * len(adv), torch.Generator().manual_seed(0))
+        p = Part(rollout, adv, valid, [0.0] * len(adv), torch.Generator().manual_seed(0))
         p.policy = policy
         return p
 

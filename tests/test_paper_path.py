@@ -345,4 +345,5 @@ def test_a_users_mistake_under_torchrun_is_said_once(tmp_path):
     )
     lines = [line for line in proc.stderr.splitlines() if line.startswith("agrpo:")]
     assert lines == ["agrpo: error: lr must be a positive number, got -1.0"], proc.stderr
-    assert proc.stderr.count("exitcode  : 2") == 2  # both processes left with the user-error code
+    # the process that met it first left with the user-error code (the launcher then ends the other)
+    assert "exitcode  : 2" in proc.stderr and proc.returncode != 0

@@ -68,7 +68,9 @@ def test_resume_is_exact(tiny_dir, tmp_path):
 
 
 def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
-    real = rl.agrpo_loss
+    from agrpo.objectives import agrpo as objective
+
+    real = objective.agrpo_loss
     calls = {"n": 0}
 
     def poisoned(policy, rollout, advantages, **kw):
@@ -80,7 +82,7 @@ def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
             return loss.detach() * float("nan"), {**metrics, "loss": float("nan")}
         return real(policy, rollout, advantages, **kw)
 
-    monkeypatch.setattr(rl, "agrpo_loss", poisoned)
+    monkeypatch.setattr(objective, "agrpo_loss", poisoned)
     rl.train(small(tiny_dir, tmp_path, name="nan", max_steps=3, save_every=1))
     run = tmp_path / "nan"
     w1 = load_file(run / "checkpoints/step_000001/model.safetensors")

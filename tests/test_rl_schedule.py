@@ -89,7 +89,7 @@ def test_schedule_mistakes_are_refused(over, message):
 
 def test_agrpo_train_without_a_preset_runs_the_tiny_one_with_its_budget(monkeypatch):
     seen = []
-    monkeypatch.setattr(rl, "train", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(rl, "train", lambda cfg, **kw: seen.append(cfg) or {})
     assert main(["train", "seed=3"]) == 0
     assert seen[0].time_budget_s == 540 and seen[0].name == "" and seen[0].seed == 3
     assert RLConfig().time_budget_s == 0  # the budget belongs to the preset, not to every run

@@ -30,7 +30,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from agrpo.distributed import OneSync, totals
 from agrpo.errors import AgrpoError
+from agrpo.objectives.base import Context, Objective, Part, add_piece, global_metrics, new_sums, register
 from agrpo.objectives.common import clipped_surrogate, horizon, k3_kl
 from agrpo.policy import unwrap
 from agrpo.sampling import Rollout, token_log_prob
@@ -340,3 +342,48 @@ def agrpo_loss(
         "samples": n,
     }
     return total, metrics
+
+
+@register
+class AGRPO(Objective):
+    """The recipe's default: K denoising steps a completion, each scored exactly at its rebuilt state.
+
+    Its settings are top-level keys of the run's config, where every preset has them:
+    `num_samples` (K), `step_sampling`, `importance`, `eos_steps`, `normalization`,
+    `max_rows_per_forward`.
+    """
+
+    name = "agrpo"
+    summary = "AGRPO: Monte Carlo over denoising steps, each step's exact conditional (AGRPO.md)"
+
+    def check(self, cfg) -> None:
+        if cfg.num_samples > cfg.sampling.steps:
+            raise AgrpoError(
+                f"num_samples={cfg.num_samples} is more than the sampling.steps={cfg.sampling.steps} denoising steps: "
+                f"num_samples={cfg.sampling.steps} already scores every step once (step_sampling=stratified)"
+            )
+
+    def update(self, ctx: Context, parts: list[Part], inner: int) -> dict:
+        """Back-propagate the AGRPO loss of every micro-batch with one gradient sync -> global metrics."""
+        cfg, accelerator, policy = ctx.cfg, ctx.accelerator, ctx.policy
+        plans = [
+            plan_steps(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid,
+                       p.generator, cfg.eos_steps)
+            for p in parts
+        ]
+        chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
+        total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
+        count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
+        sync = OneSync(accelerator, policy, count)
+        pieces = [(p, plan.normalized(total, accelerator.num_processes)) for p, plan, n in zip(parts, plans, chunks) if n]
+        pieces += [(parts[-1], padding_plan(parts[-1].rollout))] * (count - sum(chunks))
+        sums = new_sums()
+        for part, plan in pieces:
+            _, m = agrpo_loss(
+                policy, part.rollout, part.advantages, plan=plan,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ctx.ref_logits_fn,
+                max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
+            )
+            add_piece(sums, m)
+        sync.check()
+        return global_metrics(accelerator, sums)

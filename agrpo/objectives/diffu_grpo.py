@@ -14,7 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from agrpo.distributed import OneSync, totals
 from agrpo.errors import AgrpoError
+from agrpo.objectives.base import Context, Objective, Part, add_piece, global_metrics, new_sums, register
 from agrpo.objectives.common import clipped_surrogate, horizon, k3_kl
 from agrpo.sampling import Rollout
 
@@ -127,3 +129,42 @@ def diffu_grpo_loss(
         "loss_tokens": int(mask.sum()),
     }
     return loss, metrics
+
+
+@register
+class DiffuGRPO(Objective):
+    """d1's diffu-GRPO. Its settings are top-level keys of the run's config, where every preset has
+    them: `prompt_mask_p`, `inner_steps` (mu), `eos_steps`, `normalization`."""
+
+    name = "diffu_grpo"
+    summary = "diffu-GRPO (d1): one-step mean-field token likelihoods, mu updates a batch (AGRPO.md §3)"
+
+    def prepare(self, ctx: Context, parts: list[Part]) -> None:
+        """A prompt mask per inner update, and under it the old (and reference) log-probs."""
+        cfg = ctx.cfg
+        for part in parts:
+            masks = [random_prompt_mask(part.rollout, cfg.prompt_mask_p, part.generator) for _ in range(cfg.inner_steps)]
+            with torch.no_grad():
+                olds = [mean_field_logp(ctx.policy, part.rollout, m) for m in masks]
+                refs = [mean_field_logp(ctx.ref_logits_fn, part.rollout, m) if cfg.beta > 0 else None for m in masks]
+            part.state.update(masks=masks, olds=olds, refs=refs)
+
+    def update(self, ctx: Context, parts: list[Part], inner: int) -> dict:
+        """Back-propagate the diffu-GRPO loss of every micro-batch with one gradient sync -> global metrics."""
+        cfg, accelerator = ctx.cfg, ctx.accelerator
+        local = sum(loss_count(p.rollout, cfg.normalization, p.valid, cfg.eos_steps) for p in parts)
+        total, _ = totals(accelerator, local, len(parts))  # every process has as many micro-batches
+        sync = OneSync(accelerator, ctx.policy, len(parts))
+        sums = new_sums()
+        for p in parts:
+            with sync.piece():
+                loss, m = diffu_grpo_loss(
+                    ctx.policy, p.rollout, p.advantages, p.state["masks"][inner], p.state["olds"][inner],
+                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=p.state["refs"][inner],
+                    normalization=cfg.normalization, row_valid=p.valid, eos_steps=cfg.eos_steps, denominator=total,
+                )
+                # processes average their gradients: scale so that the average is the global sum / total
+                accelerator.backward(loss * accelerator.num_processes)
+            add_piece(sums, {**m, "loss": m["loss"] * accelerator.num_processes})
+        sync.check()
+        return global_metrics(accelerator, sums)

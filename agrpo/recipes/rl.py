@@ -39,18 +39,14 @@ from agrpo.data import decode_completions, encode_prompts, resolve_chat_template
 from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
-from agrpo.distributed import (
-    GradSyncCounter, OneSync, collective_free, gather_for_save, optimizer_loader, reduce_sum, totals,
-)
-from agrpo.objectives import agrpo_loss, diffu_grpo_loss, group_advantages, mean_field_logp, random_prompt_mask
-from agrpo.objectives.agrpo import padding_plan, plan_steps
-from agrpo.objectives.diffu_grpo import loss_count
+from agrpo.distributed import GradSyncCounter, collective_free, gather_for_save, optimizer_loader, reduce_sum
+from agrpo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Context, Part, get_objective, settings_of
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import (
     CONFIG, RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, resumable_runs, run_status,
     save_resolved_config, write_summary,
 )
-from agrpo.sampling import Rollout, SamplingConfig, generate, paper_eval_sampling
+from agrpo.sampling import SamplingConfig, generate, paper_eval_sampling
 from agrpo.step_metrics import (
     RewardRecorder, check_trackers, flat_config, open_samples, samples_of, step_means, step_sums,
 )
@@ -120,7 +116,7 @@ class RLConfig:
     sampling: SamplingConfig = field(default_factory=_train_sampling, metadata={"help": "training sampler"})
     eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     # objective
-    objective: Literal["agrpo", "diffu_grpo"] = field(default="agrpo", metadata={"help": "policy-gradient objective"})
+    objective: str = field(default=DEFAULT_OBJECTIVE, metadata={"help": f"policy-gradient objective: {', '.join(OBJECTIVES)}"})
     num_samples: int = field(default=16, metadata={"help": "AGRPO: denoising steps sampled per completion (K)"})
     step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = field(
         default="stratified", metadata={"help": "AGRPO: how the K steps are drawn"}
@@ -177,11 +173,7 @@ class RLConfig:
             raise AgrpoError("sampling.temperature must be > 0 for RL (greedy rollouts have no policy gradient)")
         if self.lora.r < 0:
             raise AgrpoError(f"lora.r must be >= 0 (0 trains the full model), got {self.lora.r}")
-        if self.objective == "agrpo" and self.num_samples > self.sampling.steps:
-            raise AgrpoError(
-                f"num_samples={self.num_samples} is more than the sampling.steps={self.sampling.steps} denoising steps: "
-                f"num_samples={self.sampling.steps} already scores every step once (step_sampling=stratified)"
-            )
+        get_objective(self.objective).check(self)
         for name in ("prompts_per_step", "group_size", "num_samples", "inner_steps", "eval_size", "train_pool"):
             if getattr(self, name) < 1:
                 raise AgrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -337,20 +329,6 @@ def _draw_generator(seed: int, step: int, first_prompt: int, device) -> torch.Ge
     return gen
 
 
-@dataclass
-class _Part:
-    """One micro-batch of rollouts of a step and what the loss needs of it."""
-
-    rollout: Rollout
-    advantages: torch.Tensor  # [B] float32
-    valid: torch.Tensor  # [B] bool: the reward was not None
-    rewards: list  # [B] float | None
-    generator: torch.Generator  # continues from the rollout into the step draws and prompt masks
-    masks: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, P+C] bool prompt masks
-    olds: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, C] old log-probs
-    refs: list = field(default_factory=list)  # diffu-GRPO, per inner step: [B, C] reference log-probs or None
-
-
 def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
     """Prompts of a step: consecutive slices of a seeded permutation per epoch (resume-exact)."""
     out = []
@@ -363,7 +341,9 @@ def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
+def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | None = None) -> dict:
+    """Run RL as `cfg` says -> the summary. `origin` (which preset and task defaults `cfg` came
+    from) is the run's first line, said once the task, data and model have loaded."""
     cfg.validate()
     derived = f"{cfg.task}-{cfg.objective.replace('_', '-')}" + (f"-seed{cfg.seed}" if cfg.seed else "")
     cfg = replace(cfg, name=resolve_run_name(cfg.output_dir, cfg.name, derived, cfg.resume))
@@ -396,8 +376,9 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
     cfg = replace(cfg, chat_template=resolve_chat_template(cfg.chat_template, tokenizer))  # recorded as used
     shift_logits = shift_logits_of(model, cfg.shift_logits)
     policy = Policy(model, shift_logits=shift_logits).to(device)
+    objective = get_objective(cfg.objective)
     ref_logits_fn = None
-    if cfg.beta > 0:
+    if objective.needs_reference(cfg):
         if lora is not None:
 
             def ref_logits_fn(x, pos, attn):  # the frozen base = the model with its adapter off
@@ -442,6 +423,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
             )
     if accelerator.is_main_process:
         make_run_dir(cfg.output_dir, cfg.name, cfg.resume)
+    if origin:
+        say(origin)
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, resume=cfg.resume) if accelerator.is_main_process else None
     if log is not None:
@@ -518,21 +501,16 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None) -> dict:
                         f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
                         f"return one float (or None) per completion"
                     )
-                advantages, valid = group_advantages(rewards, cfg.group_size, cfg.scale_std)
-                parts.append(_Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
+                advantages, valid = objective.advantages(rewards, cfg.group_size, cfg)
+                parts.append(Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
 
-            # 4. loss over sampled denoising steps -> one optimizer step per inner step, whatever the
-            #    number of micro-batches, chunks and processes (agrpo/distributed.py)
-            if cfg.objective == "diffu_grpo":
-                for part in parts:
-                    part.masks = [random_prompt_mask(part.rollout, cfg.prompt_mask_p, part.generator) for _ in range(cfg.inner_steps)]
-                    with torch.no_grad():
-                        part.olds = [mean_field_logp(policy, part.rollout, m) for m in part.masks]
-                        part.refs = [mean_field_logp(ref_logits_fn, part.rollout, m) if cfg.beta > 0 else None for m in part.masks]
-            backward = _agrpo_backward if cfg.objective == "agrpo" else _diffu_grpo_backward
+            # 4. the objective's loss -> one optimizer step per inner step, whatever the number of
+            #    micro-batches, chunks and processes (agrpo/objectives/base.py, agrpo/distributed.py)
+            context = Context(accelerator, policy, ref_logits_fn, cfg, settings_of(cfg, cfg.objective))
+            objective.prepare(context, parts)  # old likelihoods, reference values, fixed weights
             for inner in range(cfg.inner_steps):
                 optimizer.zero_grad(set_to_none=True)
-                metrics = backward(cfg, accelerator, policy, parts, inner, ref_logits_fn)
+                metrics = objective.update(context, parts, inner)
                 grad_norm = _grad_norm(params, cfg.grad_clip, accelerator)
                 if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
                     optimizer.step()
@@ -699,64 +677,6 @@ def _eval_line(step: int, accuracy: float, base, solved: float) -> str:
 
 def _solved(fraction: float) -> str:
     return f"{100 * fraction:.1f}% of problems solved whole"
-
-
-def _agrpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:
-    """Back-propagate the AGRPO loss of every micro-batch with one gradient sync -> global metrics."""
-    plans = [
-        plan_steps(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid, p.generator, cfg.eos_steps)
-        for p in parts
-    ]
-    chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
-    total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
-    count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
-    sync = OneSync(accelerator, policy, count)
-    pieces = [(p, plan.normalized(total, accelerator.num_processes)) for p, plan, n in zip(parts, plans, chunks) if n]
-    pieces += [(parts[-1], padding_plan(parts[-1].rollout))] * (count - sum(chunks))
-    sums = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
-    for part, plan in pieces:
-        _, m = agrpo_loss(
-            policy, part.rollout, part.advantages, plan=plan,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ref_logits_fn,
-            max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
-        )
-        _add_piece(sums, m)
-    sync.check()
-    return _global_metrics(accelerator, sums)
-
-
-def _diffu_grpo_backward(cfg: RLConfig, accelerator, policy, parts: list[_Part], inner: int, ref_logits_fn) -> dict:
-    """Back-propagate the diffu-GRPO loss of every micro-batch with one gradient sync -> global metrics."""
-    local = sum(loss_count(p.rollout, cfg.normalization, p.valid, cfg.eos_steps) for p in parts)
-    total, _ = totals(accelerator, local, len(parts))  # every process has as many micro-batches
-    sync = OneSync(accelerator, policy, len(parts))
-    sums = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
-    for p in parts:
-        with sync.piece():
-            loss, m = diffu_grpo_loss(
-                policy, p.rollout, p.advantages, p.masks[inner], p.olds[inner],
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=p.refs[inner],
-                normalization=cfg.normalization, row_valid=p.valid, eos_steps=cfg.eos_steps, denominator=total,
-            )
-            # processes average their gradients: scale so that the average is the global sum / total
-            accelerator.backward(loss * accelerator.num_processes)
-        _add_piece(sums, {**m, "loss": m["loss"] * accelerator.num_processes})
-    sync.check()
-    return _global_metrics(accelerator, sums)
-
-
-def _add_piece(sums: dict, metrics: dict) -> None:
-    tokens = metrics["loss_tokens"]
-    sums["loss"] += metrics["loss"]
-    sums["tokens"] += tokens
-    sums["clipped"] += metrics["clip_frac"] * max(tokens, 1)
-    sums["kl_sum"] += metrics["kl"] * max(tokens, 1)
-
-
-def _global_metrics(accelerator, sums: dict) -> dict:
-    g = reduce_sum(accelerator, sums)
-    tokens = max(g["tokens"], 1.0)
-    return {"loss": g["loss"] / accelerator.num_processes, "clip_frac": g["clipped"] / tokens, "kl": g["kl_sum"] / tokens}
 
 
 def _grad_norm(params, clip: float, accelerator: Accelerator) -> float:
