@@ -76,8 +76,6 @@ def test_evaluations_into_one_folder_each_report_their_own_completions(tmp_path)
 
 
 @pytest.mark.parametrize("extra", [["shift_logits=true"], ["mask_token_id=3"]], ids=str)
-@pytest.mark.xfail(strict=True, reason="the resume key of agrpo eval records the sampling settings, the seed and "
-                   "chat_template but not shift_logits or mask_token_id (recipes/evaluate.py, _setting_record)")
 def test_model_settings_that_change_completions_are_not_reused_across_evaluations(tmp_path, extra):
     """The logit shift and the mask id also decide the completions: an
     evaluation that changes one of them into a folder that holds another's samples anew."""

@@ -182,7 +182,8 @@ def model_version(model: str) -> str:
 
 def _setting_record(s: SamplingConfig, cfg: EvalConfig) -> dict:
     """What determines a generation besides the model and the row: the key of resumed work."""
-    return {**asdict(s), "seed": cfg.seed, "chat_template": cfg.chat_template}
+    return {**asdict(s), "seed": cfg.seed, "chat_template": cfg.chat_template, "shift_logits": cfg.shift_logits,
+            "mask_token_id": cfg.mask_token_id}
 
 
 def _batch_seed(seed: int, model: str, setting: dict, start: int) -> int:
