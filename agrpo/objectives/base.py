@@ -126,3 +126,17 @@ def global_metrics(accelerator, sums: dict) -> dict:
     g = reduce_sum(accelerator, sums)
     tokens = max(g["tokens"], 1.0)
     return {"loss": g["loss"] / accelerator.num_processes, "clip_frac": g["clipped"] / tokens, "kl": g["kl_sum"] / tokens}
+
+
+def with_objective_settings(cls):
+    """`cls` (the RL config dataclass) with one section per registered objective that has settings,
+    named after it (`espo.copies=2`), so that an objective's file alone declares its knobs."""
+    extra = [
+        (name, obj.settings, field(default_factory=obj.settings, metadata={"help": f"objective={name}: {obj.summary}"}))
+        for name, obj in OBJECTIVES.items() if obj.settings is not None
+    ]
+    if not extra:
+        return cls
+    made = dataclasses.make_dataclass(cls.__name__, extra, bases=(cls,), module=cls.__module__)
+    made.__qualname__, made.__doc__ = cls.__qualname__, cls.__doc__
+    return made

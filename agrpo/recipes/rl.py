@@ -41,6 +41,7 @@ from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
 from agrpo.distributed import GradSyncCounter, collective_free, gather_for_save, optimizer_loader, reduce_sum
 from agrpo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Context, Part, get_objective, settings_of
+from agrpo.objectives.base import with_objective_settings
 from agrpo.policy import Policy, unwrap
 from agrpo.runlog import (
     CONFIG, RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, resumable_runs, run_status,
@@ -206,6 +207,9 @@ class RLConfig:
             raise AgrpoError("warmup_steps and warmup_ratio are both set: keep one")
         if self.warmup_ratio >= 1:
             raise AgrpoError(f"warmup_ratio must be below 1 (a fraction of the planned steps), got {self.warmup_ratio}")
+
+
+RLConfig = with_objective_settings(RLConfig)  # a section per objective with settings of its own
 
 
 def default_preset() -> str:
