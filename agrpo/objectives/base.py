@@ -54,6 +54,7 @@ class Context:
     ref_logits_fn: Any  # (x, positions, attention_mask) -> reference logits, or None
     cfg: Any  # the run's RLConfig
     settings: Any = None  # the objective's own config section, if it has one
+    step: int = 0  # the optimizer step being taken (from 0): every process and a resumed run agree on it
 
 
 class Objective:

@@ -510,7 +510,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
 
             # 4. the objective's loss -> one optimizer step per inner step, whatever the number of
             #    micro-batches, chunks and processes (agrpo/objectives/base.py, agrpo/distributed.py)
-            context = Context(accelerator, policy, ref_logits_fn, cfg, settings_of(cfg, cfg.objective))
+            context = Context(accelerator, policy, ref_logits_fn, cfg, settings_of(cfg, cfg.objective), step)
             objective.prepare(context, parts)  # old likelihoods, reference values, fixed weights
             for inner in range(cfg.inner_steps):
                 optimizer.zero_grad(set_to_none=True)
