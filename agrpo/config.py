@@ -181,22 +181,31 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(cls, path: str | None = None, overrides=(), base: dict | None = None, validate: bool = True):
-    """Defaults, then `base` (e.g. a run's saved configuration), then the YAML file, then
-    `key=value` overrides; validated unless told (each value is checked for its type either way)."""
+def preset_paths(path) -> list[str]:
+    """The preset files of `-c A -c B` (a path, a list of paths or None), in the order given."""
+    if not path:
+        return []
+    return [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+
+
+def load_config(cls, path: str | list[str] | None = None, overrides=(), base: dict | None = None,
+                validate: bool = True):
+    """Defaults, then `base` (e.g. a run's saved configuration), then the YAML files in order (a later
+    one overrides an earlier one), then `key=value` overrides; validated unless told (each value
+    is checked for its type either way)."""
     cfg = cls()
     if base:
         _apply(cfg, base)
-    if path:
-        _apply(cfg, read_yaml(path))
+    for one in preset_paths(path):
+        _apply(cfg, read_yaml(one))
     _apply(cfg, _nested_dict(overrides))
     if validate:
         _validate(cfg)
     return cfg
 
 
-def given_keys(path: str | None = None, overrides=()) -> set[str]:
-    """The dotted keys a YAML file and `key=value` overrides set, e.g. {"seed", "lora.r"}."""
+def given_keys(path: str | list[str] | None = None, overrides=()) -> set[str]:
+    """The dotted keys YAML files and `key=value` overrides set, e.g. {"seed", "lora.r"}."""
 
     def walk(d: dict, prefix: str = ""):
         for k, v in d.items():
@@ -205,7 +214,10 @@ def given_keys(path: str | None = None, overrides=()) -> set[str]:
             else:
                 yield f"{prefix}{k}"
 
-    return set(walk(read_yaml(path) if path else {})) | set(walk(_nested_dict(overrides)))
+    keys = set(walk(_nested_dict(overrides)))
+    for one in preset_paths(path):
+        keys |= set(walk(read_yaml(one)))
+    return keys
 
 
 def config_to_dict(cfg) -> dict:
@@ -245,20 +257,21 @@ def describe_config(cls) -> str:
     return "\n".join(lines)
 
 
-def parse_cli_overrides(argv) -> tuple[str | None, list[str]]:
-    """Split `-c/--config path` from `key=value` items."""
-    path, overrides, i = None, [], 0
+def parse_cli_overrides(argv) -> tuple[str | list[str] | None, list[str]]:
+    """Split `-c/--config path` (given more than once: a list, later files overriding earlier ones)
+    from `key=value` items."""
+    paths, overrides, i = [], [], 0
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
         if arg in ("-c", "--config"):
             if i + 1 >= len(argv):
                 raise AgrpoError(f"{arg} needs a path to a YAML file")
-            path = argv[i + 1]
+            paths.append(argv[i + 1])
             i += 2
             continue
         if "=" not in arg:
             raise AgrpoError(f"unexpected argument {arg!r}: write key=value or -c preset.yaml")
         overrides.append(arg)
         i += 1
-    return path, overrides
+    return (paths[0] if len(paths) == 1 else paths or None), overrides

@@ -106,7 +106,7 @@ def train_config(preset: str | None, overrides: list[str]):
     return cfg, describe(preset, cfg.task, cfg.objective, bool(base), chosen)
 
 
-def describe(preset: str | None, task: str, objective: str, task_defaults_used: bool, chosen: bool = False) -> str:
+def describe(preset, task: str, objective: str, task_defaults_used: bool, chosen: bool = False) -> str:
     """The first line of a run: the preset it read and the task defaults under it."""
     if task_defaults_used:
         recipe = f"task {task}'s defaults, {_RECIPE_NAMES[objective]}"
@@ -116,10 +116,14 @@ def describe(preset: str | None, task: str, objective: str, task_defaults_used: 
     return f"agrpo: preset {_short(preset)}" + (f" (task {task}'s default; -c picks another)" if chosen else f", task {task}")
 
 
-def _short(path: str) -> str:
-    """A preset path as the user would write it: relative to the working directory when inside it."""
-    p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+def _short(path) -> str:
+    """Preset paths as the user would write them: relative to the working directory when inside it."""
+    from agrpo.config import preset_paths
+
+    out = []
+    for one in preset_paths(path):
+        try:
+            out.append(str(Path(one).resolve().relative_to(Path.cwd())))
+        except ValueError:
+            out.append(str(one))
+    return " + ".join(out)

@@ -13,8 +13,12 @@ from agrpo.recipes.study import StudyConfig
 
 RECIPES = {"train": RLConfig, "sft": SFTConfig, "eval": EvalConfig, "study": StudyConfig}
 CONFIGS = Path(__file__).parent.parent / "configs"
-# configs/accelerate holds accelerate's own launch files, not presets of a recipe
-PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIGS).parts)
+# configs/accelerate holds accelerate's own launch files, not presets of a recipe; configs/objectives
+# holds an objective's settings, composed with a task preset (-c TASK.yaml -c OBJECTIVE.yaml)
+PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml")
+                 if not {"accelerate", "objectives"} & set(p.relative_to(CONFIGS).parts))
+OBJECTIVE_PRESETS = sorted((CONFIGS / "objectives").glob("*.yaml"))
+TASK_PRESETS = sorted((CONFIGS / "llada8b").glob("*.yaml"))
 
 
 def test_there_are_presets():
@@ -37,3 +41,34 @@ def test_preset_loads(path):
 @pytest.mark.parametrize("cls", list(RECIPES.values()))
 def test_every_field_documented(cls):
     check_documented(cls)
+
+
+def test_presets_compose_later_over_earlier(tmp_path):
+    """`-c A -c B`: B's keys override A's, keys of A that B leaves alone stay, key=value wins over both."""
+    from agrpo.config import parse_cli_overrides
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("lr: 1.0e-5\nseed: 3\nsampling:\n  temperature: 0.5\n  steps: 8\n")
+    b.write_text("lr: 2.0e-5\nsampling:\n  temperature: 0.9\n")
+    path, over = parse_cli_overrides(["-c", str(a), "-c", str(b), "seed=4"])
+    assert path == [str(a), str(b)] and over == ["seed=4"]
+    cfg = load_config(RLConfig, path, over, validate=False)
+    assert (cfg.lr, cfg.seed, cfg.sampling.temperature, cfg.sampling.steps) == (2e-5, 4, 0.9, 8)
+    assert parse_cli_overrides(["-c", str(a)])[0] == str(a)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVE_PRESETS, ids=lambda p: p.stem)
+def test_every_task_preset_composes_with_every_objective_preset(objective):
+    """An objective preset names its objective, starts with the command that composes it with a task
+    preset, and every (task preset, objective preset) pair loads and validates with the objective's values."""
+    import yaml
+
+    first = objective.read_text().splitlines()[0]
+    assert re.match(rf"# agrpo train -c configs/\S+\.yaml -c configs/objectives/{objective.name}$", first), first
+    own = yaml.safe_load(objective.read_text())
+    assert own["objective"] == objective.stem
+    for task in TASK_PRESETS + [CONFIGS / "tiny_sudoku.yaml"]:
+        cfg = load_config(RLConfig, [str(task), str(objective)])
+        assert cfg.objective == objective.stem
+        section = own.get(objective.stem) or {}
+        assert all(getattr(getattr(cfg, objective.stem), k) == v for k, v in section.items())
