@@ -73,12 +73,44 @@ def task_defaults(task: str, objective: str) -> dict:
 
     if task not in TASKS or TASKS[task].character_level:
         return {}
-    defaults = copy.deepcopy(PAPER_RECIPES[objective])
-    if objective == "agrpo":
-        defaults["max_rows_per_forward"] = MAX_ROWS_PER_FORWARD.get(task, 32)
+    if objective in PAPER_RECIPES:
+        defaults = copy.deepcopy(PAPER_RECIPES[objective])
+    else:  # the paper's run around it, the objective's own settings from its preset when there is one
+        defaults = copy.deepcopy(PAPER_RECIPES["agrpo"])
+        own = objective_preset(objective)
+        if own is not None:
+            from agrpo.config import read_yaml
+
+            _merge(defaults, read_yaml(own))
+        defaults["objective"] = objective
+    defaults["max_rows_per_forward"] = defaults.get("max_rows_per_forward") or MAX_ROWS_PER_FORWARD.get(task, 32)
+    if objective == "diffu_grpo":
+        defaults.pop("max_rows_per_forward")  # d1's recipe bounds memory with rollout_batch_size
     if task in TEST_FILES:
         defaults["eval_data"] = TEST_FILES[task]
     return defaults
+
+
+def objective_preset(objective: str) -> str | None:
+    """configs/objectives/<objective>.yaml, the settings of the objective's own paper, if shipped."""
+    path = CONFIGS / "objectives" / f"{objective}.yaml"
+    return str(path) if path.is_file() else None
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def recipe_name(objective: str) -> str:
+    if objective in _RECIPE_NAMES:
+        return _RECIPE_NAMES[objective]
+    own = objective_preset(objective)
+    where = f"its own settings from configs/objectives/{Path(own).name}" if own else "its own defaults"
+    return f"the paper's run settings (AGRPO.md §4) with objective {objective}, {where}"
 
 
 def tiny_preset(task: str) -> str | None:
@@ -109,7 +141,7 @@ def train_config(preset: str | None, overrides: list[str]):
 def describe(preset, task: str, objective: str, task_defaults_used: bool, chosen: bool = False) -> str:
     """The first line of a run: the preset it read and the task defaults under it."""
     if task_defaults_used:
-        recipe = f"task {task}'s defaults, {_RECIPE_NAMES[objective]}"
+        recipe = f"task {task}'s defaults, {recipe_name(objective)}"
         return f"agrpo: preset {_short(preset)} over {recipe}" if preset else f"agrpo: {recipe}; no preset"
     if preset is None:
         return f"agrpo: no preset, task {task}"
