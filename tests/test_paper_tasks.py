@@ -402,3 +402,22 @@ def test_tiny_models_refuse_paper_tasks():
         check_model_fits(tasks.get("gsm8k"), "tiny:sudoku")
     check_model_fits(tasks.get("tiny-sudoku"), "tiny:sudoku")
     check_model_fits(tasks.get("gsm8k"), "GSAI-ML/LLaDA-8B-Instruct")
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math", "countdown", "sudoku"])
+def test_reward_terms_are_trl_reward_functions(name):
+    """Each term of `task.rewards` is called as TRL calls `reward_funcs` (prompts, completions, dataset
+    columns and TRL's own keywords) and named by `__name__`; their weighted sum is `task.reward`."""
+    task = tasks.get(name)
+    rows = {"gsm8k": [{"question": "q", "answer": "4"}], "math": [{"problem": "p", "answer": "4"}],
+                "countdown": [{"nums": [1, 3], "target": 4}], "sudoku": [{"puzzle": "0" * 16, "solution": "1234341221434321"}]}[name]
+    terms = task.rewards
+    prompts = [task.prompt(r) for r in rows]
+    completions = ["<think>x</think><answer>4</answer>"] * len(rows)
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    per_term = [term(prompts=prompts, completions=completions, completion_ids=[[0]] * len(rows), trainer_state=None,
+                     **columns) for term in terms]
+    assert all(callable(t) and isinstance(t.__name__, str) and t.__name__ == t.name for t in terms)
+    assert len({t.__name__ for t in terms}) == len(terms)
+    total = [sum(t.weight * v[i] for t, v in zip(terms, per_term)) for i in range(len(rows))]
+    assert total == pytest.approx(task.reward(prompts, completions, **columns))

@@ -33,7 +33,8 @@ import random
 import re
 import socket
 from pathlib import Path
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlparse
 
 from agrpo.errors import AgrpoError
@@ -149,13 +150,22 @@ def unwrap_boxed(text: str) -> str:
 
 # ---- rewards in TRL's convention ----------------------------------------------------------
 
-class RewardTerm(NamedTuple):
+@dataclass(frozen=True)
+class RewardTerm:
     """One named reward function `fn(prompts, completions, **columns) -> list[float | None]`
-    and its weight in the task's total reward (TRL: `reward_funcs` and `reward_weights`)."""
+    and its weight in the task's total reward. A term is itself such a function, named by its
+    `__name__`, so `reward_funcs=list(task.rewards)` with `reward_weights=[t.weight for t in
+    task.rewards]` hands a task's reward to TRL's trainers as it is."""
 
     name: str
     fn: Callable
     weight: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "__name__", self.name)  # what TRL logs a reward function as
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        return self.fn(prompts, completions, **columns)
 
 
 def think_format(prompts, completions, **columns) -> list[float]:
