@@ -50,3 +50,44 @@ def group_advantages(
         var = (adv**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
         adv = adv / (var.sqrt() + eps)
     return adv.flatten().float(), valid.flatten()
+
+
+# -- estimators an objective may choose (ALGORITHMS.md, Notation) -----------------------------------
+# Each returns (advantages [N] float32, valid [N] bool) as `group_advantages` does: a None (or NaN)
+# reward leaves its row out of its group's statistics, with advantage 0 and valid=False.
+
+def _grid(rewards, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([groups, G] float64 rewards with 0 where invalid, [groups, G] valid), checked as group_advantages does."""
+    _, valid = group_advantages(rewards, group_size)  # its checks and its reading of None / NaN
+    if isinstance(rewards, torch.Tensor):
+        values = rewards.detach().double().flatten()
+    else:
+        values = torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float64)
+    grid, ok = values.view(-1, group_size), valid.view(-1, group_size)
+    return torch.where(ok, grid, torch.zeros_like(grid)), ok
+
+
+def centred_advantages(rewards, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = r - mean of the group's valid rewards."""
+    grid, ok = _grid(rewards, group_size)
+    mean = grid.sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(ok, grid - mean, torch.zeros_like(grid)).flatten().float(), ok.flatten()
+
+
+def loo_advantages(rewards, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out: A_i = r_i - mean_{j != i} r_j over the group's valid rewards (0 for a lone valid row)."""
+    grid, ok = _grid(rewards, group_size)
+    count = ok.sum(1, keepdim=True)
+    others = (grid.sum(1, keepdim=True) - grid) / (count - 1).clamp(min=1)
+    adv = torch.where(ok & (count > 1), grid - others, torch.zeros_like(grid))
+    return adv.flatten().float(), ok.flatten()
+
+
+def z_advantages(rewards, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z: (r - mean) / std with the population std of the group's valid rewards; 0 when that std is 0."""
+    grid, ok = _grid(rewards, group_size)
+    count = ok.sum(1, keepdim=True).clamp(min=1)
+    centred = torch.where(ok, grid - grid.sum(1, keepdim=True) / count, torch.zeros_like(grid))
+    std = ((centred**2).sum(1, keepdim=True) / count).sqrt()
+    adv = torch.where(std > 0, centred / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(centred))
+    return adv.flatten().float(), ok.flatten()
