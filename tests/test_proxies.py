@@ -78,7 +78,7 @@ def slow_gradient(model, loss):
 
 
 def assert_same(loss, grads, ref_loss, ref_grads, rel=1e-9):
-    assert loss == pytest.approx(float(ref_loss), rel=rel, abs=1e-12)
+    assert loss == pytest.approx(float(ref_loss.detach() if hasattr(ref_loss, "detach") else ref_loss), rel=rel, abs=1e-12)
     flat = torch.cat([g.flatten() for g in grads])
     ref = torch.cat([(torch.zeros_like(g) if r is None else r).flatten() for g, r in zip(grads, ref_grads)])
     assert ref.abs().max() > 0

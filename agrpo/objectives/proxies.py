@@ -172,10 +172,9 @@ def block_copies(
     blocks = gen // block_length
     n = valid.sum(1)
     valid_blocks = ((n - 1).clamp(min=0) // block_length + 1).long()
-    order = torch.rand((bsz, blocks), generator=generator, device=valid.device, dtype=torch.float64).argsort(-1)
-    chosen = torch.remainder(order[:, :copies], valid_blocks[:, None])  # [B, K]
-    if copies > blocks:
-        raise ValueError(f"{copies} copies need at least as many blocks, got {blocks}")
+    rounds = -(-copies // blocks)  # more copies than blocks: further random orders follow the first
+    order = torch.rand((bsz, rounds, blocks), generator=generator, device=valid.device, dtype=torch.float64).argsort(-1)
+    chosen = torch.remainder(order.flatten(1)[:, :copies], valid_blocks[:, None])  # [B, K]
     col = torch.arange(gen, device=valid.device)
     start = chosen * block_length  # [B, K]
     in_block = (col[None, None, :] >= start[:, :, None]) & (col[None, None, :] < start[:, :, None] + block_length)
