@@ -138,6 +138,6 @@ def with_objective_settings(cls):
     ]
     if not extra:
         return cls
-    made = dataclasses.make_dataclass(cls.__name__, extra, bases=(cls,), module=cls.__module__)
-    made.__qualname__, made.__doc__ = cls.__qualname__, cls.__doc__
+    made = dataclasses.make_dataclass(cls.__name__, extra, bases=(cls,))
+    made.__module__, made.__qualname__, made.__doc__ = cls.__module__, cls.__qualname__, cls.__doc__
     return made
