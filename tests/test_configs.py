@@ -18,7 +18,9 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml")
                  if not {"accelerate", "objectives"} & set(p.relative_to(CONFIGS).parts))
 OBJECTIVE_PRESETS = sorted((CONFIGS / "objectives").glob("*.yaml"))
-TASK_PRESETS = sorted((CONFIGS / "llada8b").glob("*.yaml"))
+# the task presets an objective preset goes on top of (the diffu-GRPO ones are complete recipes of their own)
+TASK_PRESETS = [CONFIGS / "llada8b" / f"{t}.yaml" for t in ("gsm8k", "math", "countdown", "sudoku")] + [
+    CONFIGS / "dream7b" / "countdown.yaml"]
 
 
 def test_there_are_presets():
@@ -67,7 +69,7 @@ def test_every_task_preset_composes_with_every_objective_preset(objective):
     assert re.match(rf"# agrpo train -c configs/\S+\.yaml -c configs/objectives/{objective.name}$", first), first
     own = yaml.safe_load(objective.read_text())
     assert own["objective"] == objective.stem
-    for task in TASK_PRESETS + [CONFIGS / "tiny_sudoku.yaml"]:
+    for task in TASK_PRESETS:
         cfg = load_config(RLConfig, [str(task), str(objective)])
         assert cfg.objective == objective.stem
         section = own.get(objective.stem) or {}

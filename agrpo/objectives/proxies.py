@@ -11,31 +11,12 @@ draws what the straight run drew.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-import sys
 
 import torch
 from torch import nn
 
 from agrpo.sampling import Rollout
-
-if sys.version_info < (3, 12):  # pragma: no cover - depends on the interpreter
-    # base.with_objective_settings passes make_dataclass(module=...), a keyword Python 3.12 added: on 3.11
-    # building the config of any objective with settings fails. Accept it here (same effect: the class's
-    # __module__) until base.py sets __module__ itself; remove this shim then.
-    if "module" not in inspect.signature(dataclasses.make_dataclass).parameters:
-        _make_dataclass = dataclasses.make_dataclass
-
-        def _make_dataclass_with_module(*args, module=None, **kwargs):
-            made = _make_dataclass(*args, **kwargs)
-            if module is not None:
-                made.__module__ = module
-            return made
-
-        dataclasses.make_dataclass = _make_dataclass_with_module
-
 
 def token_logp(
     policy: nn.Module,
