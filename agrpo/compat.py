@@ -55,8 +55,13 @@ def prepare_remote_code(auto_class, source: str, *, config, trust_remote_code: b
     class it will build when they come from the model's own code. Takes from_pretrained's kwargs."""
     if not trust_remote_code:
         return
+    import importlib
+
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+    # modules transformers copied since the last import are found even after an earlier hub import
+    # failed in this process (the path finders cache directory listings)
+    importlib.invalidate_caches()
     ensure_use_cache(config)
     class_ref = (getattr(config, "auto_map", None) or {}).get(auto_class.__name__)
     if class_ref:

@@ -1,5 +1,6 @@
 """Tiny bidirectional Llama models shared by the policy, sampling and objective tests."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -72,3 +73,21 @@ class BiasedLM(nn.Module):
         for tok, b in self.bias.items():
             logits[rows, self.start :, tok] += b
         return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """Dynamic modules go to a fresh directory: the user's cache is neither read nor written."""
+    cache = tmp_path / "hf_modules"
+    monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
+    from transformers import dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # the `transformers_modules` package is bound to the cache it was first imported from
+    monkeypatch.delitem(sys.modules, "transformers_modules", raising=False)
+    before = set(sys.modules)
+    yield cache
+    for name in set(sys.modules) - before:
+        if name.startswith("transformers_modules."):
+            del sys.modules[name]

@@ -165,14 +165,15 @@ def test_a_tokenizer_of_unknown_hub_code_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value) and len(str(err.value)) > 80
 
 
-def test_model_code_that_cannot_import_is_one_line(tmp_path):
+def test_model_code_that_cannot_import_is_one_line(tmp_path, modules_cache):
     """trust_remote_code on a Dream checkpoint whose hub code imports what is missing (flash_attn)."""
     from agrpo.models import load_model_and_tokenizer
 
     fixtures = SHARED / "fixtures" / "models" / "dream"
     if not fixtures.is_dir():
         pytest.skip("model fixtures not available")
-    folder = tmp_path / "dream"
+    # a folder name of its own: transformers caches hub code per folder name (transformers_modules.<name>)
+    folder = tmp_path / "dream_whose_code_cannot_import"
     shutil.copytree(fixtures, folder)
     (folder / "configuration_dream.py").write_text(
         "from transformers import PretrainedConfig\n\n\nclass DreamConfig(PretrainedConfig):\n    model_type = 'Dream'\n")

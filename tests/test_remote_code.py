@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import dynamic_module_utils
 
 from agrpo.models import load_model_and_tokenizer
 from agrpo.objectives import agrpo_loss
@@ -119,22 +118,6 @@ def write_remote_model(path, seed=0):
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(path)
     return weights
-
-
-@pytest.fixture
-def modules_cache(tmp_path, monkeypatch):
-    """Dynamic modules go to a fresh directory: the user's cache is neither read nor written."""
-    cache = tmp_path / "hf_modules"
-    monkeypatch.setenv("HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    # the `transformers_modules` package is bound to the cache it was first imported from
-    monkeypatch.delitem(sys.modules, "transformers_modules", raising=False)
-    before = set(sys.modules)
-    yield cache
-    for name in set(sys.modules) - before:
-        if name.startswith("transformers_modules."):
-            del sys.modules[name]
 
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": ["qkv", "fc"]}])

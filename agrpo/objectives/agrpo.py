@@ -375,15 +375,17 @@ class AGRPO(Objective):
         total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
         count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
         sync = OneSync(accelerator, policy, count)
-        pieces = [(p, plan.normalized(total, accelerator.num_processes)) for p, plan, n in zip(parts, plans, chunks) if n]
-        pieces += [(parts[-1], padding_plan(parts[-1].rollout))] * (count - sum(chunks))
+        pieces = [(p, plan.normalized(total, accelerator.num_processes), True)
+                  for p, plan, n in zip(parts, plans, chunks) if n]
+        pieces += [(parts[-1], padding_plan(parts[-1].rollout), False)] * (count - sum(chunks))
         sums = new_sums()
-        for part, plan in pieces:
+        for part, plan, real in pieces:
             _, m = agrpo_loss(
                 policy, part.rollout, part.advantages, plan=plan,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ctx.ref_logits_fn,
                 max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
             )
-            add_piece(sums, m)
+            if real:  # a padding piece's tokens weigh nothing in the loss and count in no metric
+                add_piece(sums, m)
         sync.check()
         return global_metrics(accelerator, sums)
