@@ -4,7 +4,9 @@ Layout:
 
     checkpoints/
         step_000100/          model (save_pretrained: full weights, or the adapter only for
-                              a peft model), optimizer.pt, scheduler.pt, state.json
+                              a peft model), optimizer.pt, scheduler.pt, state.json; under
+                              DeepSpeed, deepspeed/ (the engine's own checkpoint, every
+                              rank's optimizer partition) in place of optimizer.pt
         step_000200/
         latest                text file naming the directory to resume from
 
@@ -110,13 +112,14 @@ def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler=None,
     extra: dict | None = None,
     keep_last: int | None = 2,
     tokenizer=None,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
+    engine_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_{step:06d}/` atomically and point `latest` at it.
 
@@ -133,6 +136,8 @@ def save_checkpoint(
         model_state / optimizer_state: what to write instead of `model.state_dict()` /
             `optimizer.state_dict()`: the whole model and optimizer gathered from the shards
             of a sharded run (`agrpo.distributed.gather_for_save`), on the process that saves.
+        engine_dir: a folder (DeepSpeed's engine checkpoint, written by every process) moved into
+            the checkpoint as `deepspeed/`; the optimizer is then None (its state is in there).
 
     Returns the checkpoint directory.
     """
@@ -160,7 +165,10 @@ def save_checkpoint(
         model.save_pretrained(tmp, safe_serialization=True, **({} if model_state is None else {"state_dict": model_state}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / "deepspeed")
+        if optimizer is not None or optimizer_state is not None:
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
         # state.json last: a directory holding it has everything else as well
@@ -217,6 +225,11 @@ def _read_state(path: Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise AgrpoError(f"checkpoint {path} is corrupt: {STATE} has no integer 'step'; use an older checkpoint")
     return state
+
+
+def checkpoint_state(path: str | os.PathLike) -> dict:
+    """The state.json of a checkpoint (its step and the `extra` values saved with it), checked."""
+    return _read_state(Path(path))
 
 
 def _read_safetensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
@@ -319,7 +332,7 @@ def load_checkpoint(
 
 def load_training_state(
     path: str | os.PathLike,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler=None,
     load_optimizer_state: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -328,11 +341,12 @@ def load_training_state(
     For runs that shard the model: its weights go in with `load_checkpoint(path, model)` before
     accelerate shards it, the optimizer state once the optimizer holds the shards.
     `load_optimizer_state(saved)` replaces `optimizer.load_state_dict(saved)` (e.g.
-    `agrpo.distributed.optimizer_loader`, which shards a gathered state).
+    `agrpo.distributed.optimizer_loader`, which shards a gathered state). `optimizer=None`: the
+    optimizer state was restored elsewhere (DeepSpeed's engine checkpoint).
     """
     path = Path(path)
     state = _read_state(path)
-    opt_state, sched_state = _read_training_state(path, True, scheduler is not None)
+    opt_state, sched_state = _read_training_state(path, optimizer is not None, scheduler is not None)
     _apply_training_state(path, optimizer, scheduler, opt_state, sched_state, load_optimizer_state)
     return state
 

@@ -1,16 +1,23 @@
 """One process of the multi-process tests in tests/test_distributed.py: the RL recipe, observed.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py SPEC.json   # or `python ...`: 1 process
+    accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2 tests/dist_worker.py SPEC.json
+    python tests/dist_worker.py SPEC.json                                    # 1 process, no backend
 
-SPEC (JSON): {"overrides": ["key=value", ...], "out": dir, "backend": "ddp" | "fsdp",
+The backend is whatever the launch asks for: the recipe builds its Accelerator itself (the worker
+only adds a timeout and its counters to it), and the record says what ran, from the recipe's
+summary and from the type of the model `accelerator.prepare` returned, so a test that launches
+a DeepSpeed config and gets DDP sees it.
+
+SPEC (JSON): {"overrides": ["key=value", ...], "out": dir,
               "kill_after": a checkpointed step to die at (or null), "deadline_s": exit 99 after this long}
 
 The task's reward returns None for the last prompt of every step's global batch and for the
 first completion of the prompt before it: with two processes both land on the second one,
 which then has fewer rows (and loss chunks) than the first.
-Writes <out>/rank<r>.pt: per optimizer step the flat parameters and the numbers of backward
-calls and gradient reduce-scatters this process made; over the run, the numbers of rows that
-stopped early and of rows kept (reward not None).
+Writes <out>/rank<r>.pt: per optimizer step the whole flat parameters (gathered from the shards
+under FSDP and ZeRO-3) and the numbers of backward calls and gradient reduce-scatters this
+process made; over the run, the numbers of rows that stopped early and of rows kept (reward not
+None), and the summary's `launch` record (backend, stage, precision, processes).
 """
 
 import datetime
@@ -23,25 +30,18 @@ from pathlib import Path
 import torch
 
 
-def _accelerator(backend: str, deadline_s: float):
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+def _whole_parameters(model) -> torch.Tensor:
+    """Every parameter of the Policy, whole, flat, in float64; a collective under FSDP and ZeRO-3."""
+    from agrpo.policy import unwrap
 
-    # a collective that finds no partner fails after this long instead of waiting for ever
-    patience = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=deadline_s / 2))]
-    if backend != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Accelerator(cpu=True, kwargs_handlers=patience)
-    # each decoder layer its own unit, as configs/accelerate/fsdp.yaml does for LLaDA's blocks
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
-    )
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, kwargs_handlers=patience)
-    # accelerate enables FSDP for GPU process groups only; torch's FSDP2 itself runs on gloo.
-    # AcceleratorState copies PartialState's fields again on later look-ups: set both.
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    return accelerator
+    params = list(unwrap(model).parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().flatten().double() for p in params])
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
+    return torch.cat([p.detach().flatten().double() for p in full])
 
 
 def _none_rewards(rl, task, cfg):
@@ -77,18 +77,34 @@ def main() -> None:
     watchdog.daemon = True
     watchdog.start()
     cfg = load_config(rl.RLConfig, None, spec["overrides"])
-    accelerator = _accelerator(spec["backend"], spec["deadline_s"])
-    rank = accelerator.process_index
     record = {"params": [], "backwards": [], "reduce_scatters": []}
     calls = {"backward": 0, "reduce_scatter": 0}
+    prepared = {}
+    real_make = rl.make_accelerator
 
-    real_backward = accelerator.backward
+    def make_accelerator(**kw):
+        from accelerate.utils import InitProcessGroupKwargs
 
-    def backward(loss, **kw):
-        calls["backward"] += 1
-        return real_backward(loss, **kw)
+        # a collective that finds no partner fails after this long instead of waiting for ever
+        patience = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=spec["deadline_s"] / 2))
+        accelerator = real_make(**kw, kwargs_handlers=[patience])
+        real_backward, real_prepare = accelerator.backward, accelerator.prepare
 
-    accelerator.backward = backward
+        def backward(loss, **kw):
+            calls["backward"] += 1
+            return real_backward(loss, **kw)
+
+        def prepare(*objects):
+            out = real_prepare(*objects)
+            prepared["model"] = out[0]
+            record["prepared"] = type(out[0]).__name__
+            return out
+
+        accelerator.backward, accelerator.prepare = backward, prepare
+        prepared["accelerator"] = accelerator
+        return accelerator
+
+    rl.make_accelerator = make_accelerator
 
     real_rs = torch.distributed.reduce_scatter_single
 
@@ -103,8 +119,7 @@ def main() -> None:
     def scheduler_step(self, *a, **kw):
         real_step(self, *a, **kw)
         if self._step_count > 1:  # the constructor's own call is not an optimizer step
-            flat = [p.full_tensor() if hasattr(p, "full_tensor") else p for g in self.optimizer.param_groups for p in g["params"]]
-            record["params"].append(torch.cat([p.detach().flatten().double() for p in flat]))
+            record["params"].append(_whole_parameters(prepared["model"]))
             record["backwards"].append(calls["backward"])
             record["reduce_scatters"].append(calls["reduce_scatter"])
             calls["backward"] = calls["reduce_scatter"] = 0
@@ -145,7 +160,10 @@ def main() -> None:
 
         rl.save_checkpoint = save_then_die
 
-    summary = rl.train(cfg, accelerator)
+    summary = rl.train(cfg)
+    rank = prepared["accelerator"].process_index
+    record["launch"] = summary["launch"]
+    record["engine_steps"] = getattr(prepared["model"], "global_steps", None)  # DeepSpeed's own count
     Path(spec["out"]).mkdir(parents=True, exist_ok=True)
     torch.save(record, Path(spec["out"]) / f"rank{rank}.pt")
     print(json.dumps(summary), flush=True)

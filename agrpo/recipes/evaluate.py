@@ -222,8 +222,9 @@ def _finished(path: Path, task: str, examples: list[dict], prompt_of) -> dict[st
 
 
 def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
+
+    from agrpo.distributed import launch_line, launch_record, make_accelerator, model_loading
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -248,7 +249,7 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
     # a process group this call starts, it ends: left to interpreter exit, gloo's threads
     # sometimes abort the process after the results were written
     owns_group = accelerator is None and not torch.distributed.is_initialized()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()  # the launch's backend, on CPU as on GPU (agrpo/distributed.py)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     batches = [
         _Batch(model, _setting_record(s, cfg), s, range(start, min(start + cfg.batch_size, len(examples))))
@@ -269,10 +270,13 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
         todo = [i for i in pending if batches[i].model == model]
         if not todo:
             continue
-        loaded, tokenizer = load_model_and_tokenizer(
-            model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id
-        )
+        with model_loading(accelerator, whole=True):
+            loaded, tokenizer = load_model_and_tokenizer(
+                model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id
+            )
         policy = Policy(loaded, shift_logits=shift_logits_of(loaded, cfg.shift_logits)).to(accelerator.device)
+        if model == batches[pending[0]].model:  # the first model loaded: what runs, said first
+            say(launch_line(launch_record(accelerator, policy), sampling_only=True))
         templated = resolve_chat_template(cfg.chat_template, tokenizer)
         if bar is None and cfg.progress and main:  # after a load, so that a bad model= stays one line
             from tqdm.auto import tqdm

@@ -33,13 +33,17 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from agrpo.checkpoint import latest_checkpoint, load_checkpoint, load_training_state, save_checkpoint
+from agrpo.checkpoint import checkpoint_state, latest_checkpoint, save_checkpoint
 from agrpo.config import config_to_dict, given_keys, load_config, read_yaml
 from agrpo.data import decode_completions, encode_prompts, resolve_chat_template
 from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
-from agrpo.distributed import GradSyncCounter, collective_free, gather_for_save, optimizer_loader, reduce_sum
+from agrpo.distributed import (
+    GradSyncCounter, collective_free, gather_for_save, launch_line, launch_record, load_weights_for_resume,
+    make_accelerator, model_loading, record_launch, reduce_sum, resume_training_state, save_engine_state,
+    settle_deepspeed,
+)
 from agrpo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, Context, Part, get_objective, settings_of
 from agrpo.objectives.base import with_objective_settings
 from agrpo.policy import Policy, unwrap
@@ -351,9 +355,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
     cfg.validate()
     derived = f"{cfg.task}-{cfg.objective.replace('_', '-')}" + (f"-seed{cfg.seed}" if cfg.seed else "")
     cfg = replace(cfg, name=resolve_run_name(cfg.output_dir, cfg.name, derived, cfg.resume))
-    accelerator = accelerator or Accelerator(
-        cpu=not torch.cuda.is_available(), log_with=check_trackers(cfg.report_to),
-        project_dir=str(Path(cfg.output_dir) / cfg.name),
+    accelerator = accelerator or make_accelerator(
+        log_with=check_trackers(cfg.report_to), project_dir=str(Path(cfg.output_dir) / cfg.name),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if cfg.prompts_per_step % world:
@@ -372,11 +375,12 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
     train_pool = task.train_examples(cfg.train_pool, seed=cfg.seed, path=cfg.train_data or None)
     max_steps = planned_steps(cfg, len(train_pool))
     lora = asdict(cfg.lora) if cfg.lora.r > 0 else None
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit,
-        attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
-        mask_token_id=cfg.mask_token_id,
-    )
+    with model_loading(accelerator):  # whole, or partitioned when a ZeRO-3 config says so
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit,
+            attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
+            mask_token_id=cfg.mask_token_id,
+        )
     cfg = replace(cfg, chat_template=resolve_chat_template(cfg.chat_template, tokenizer))  # recorded as used
     shift_logits = shift_logits_of(model, cfg.shift_logits)
     policy = Policy(model, shift_logits=shift_logits).to(device)
@@ -392,8 +396,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
         else:
             ref_logits_fn = Policy(frozen_copy(model), shift_logits=shift_logits).to(device)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
-    if resume_from is not None:  # the weights go in whole, before accelerate shards them
-        load_checkpoint(resume_from, model)
+    if resume_from is not None:  # the weights go in whole before accelerate shards them (DeepSpeed: after)
+        load_weights_for_resume(accelerator, resume_from, model, checkpoint_state(resume_from).get("launch"))
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -405,6 +409,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
             "set gradient_accumulation_steps to 1 in the accelerate config: every batch is one optimizer step "
             "(use rollout_batch_size and max_rows_per_forward to bound memory)"
         )
+    settle_deepspeed(accelerator, policy, cfg.grad_clip)
+    launch = launch_record(accelerator, policy)  # what runs: said first, kept in config.yaml, summary.json, checkpoints
     policy, optimizer = accelerator.prepare(policy, optimizer)
     core = unwrap(policy)
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP replaces them with shards
@@ -412,7 +418,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
 
     start_step, counters = 0, {"skipped_steps": 0, "wall_s": 0.0}
     if resume_from is not None:
-        state = load_training_state(resume_from, optimizer, scheduler, optimizer_loader(accelerator, policy, optimizer))
+        state = resume_training_state(accelerator, resume_from, policy, optimizer, scheduler)
         start_step = int(state["step"])
         counters.update(state.get("counters", {}))
         # a resumed run that would do no step must say so, not rewrite its summary with old numbers
@@ -427,6 +433,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
             )
     if accelerator.is_main_process:
         make_run_dir(cfg.output_dir, cfg.name, cfg.resume)
+    say(launch_line(launch))
     if origin:
         say(origin)
     accelerator.wait_for_everyone()
@@ -434,6 +441,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
     if log is not None:
         log.truncate_after(start_step if start_step > 0 else -1)
         save_resolved_config(run_dir, config_to_dict(cfg))
+        record_launch(run_dir, launch)
         samples_path = open_samples(run_dir, start_step if start_step > 0 else -1)
     accelerator.init_trackers(cfg.name, config=flat_config(config_to_dict(cfg)))
 
@@ -572,11 +580,12 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
             if (cfg.save_every and step % cfg.save_every == 0) or final:
                 accelerator.wait_for_everyone()
                 weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
+                engine_dir = save_engine_state(accelerator, policy, run_dir, step)  # DeepSpeed's partitions
                 if accelerator.is_main_process:
                     save_checkpoint(
-                        run_dir, step, core.model, optimizer, scheduler,
-                        extra={"counters": counters}, keep_last=cfg.keep_checkpoints or None, tokenizer=tokenizer,
-                        model_state=weights, optimizer_state=optimizer_state,
+                        run_dir, step, core.model, None if engine_dir else optimizer, scheduler,
+                        extra={"counters": counters, "launch": launch}, keep_last=cfg.keep_checkpoints or None,
+                        tokenizer=tokenizer, model_state=weights, optimizer_state=optimizer_state, engine_dir=engine_dir,
                     )
                 accelerator.wait_for_everyone()
     except KeyboardInterrupt:
@@ -620,6 +629,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
         "planned_steps": max_steps,
         "train_rows": len(train_pool),
         "eval_problems": len(eval_set),
+        "launch": launch,
     }
     if accelerator.is_main_process:
         write_summary(run_dir, summary)

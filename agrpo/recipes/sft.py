@@ -27,7 +27,11 @@ from accelerate import Accelerator
 
 from agrpo.config import config_to_dict
 from agrpo.data import encode_prompts, encode_targets
-from agrpo.errors import AgrpoError
+from agrpo.distributed import (
+    collective_free, gather_for_save, launch_line, launch_record, make_accelerator, model_loading, record_launch,
+    settle_deepspeed,
+)
+from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import evaluate
 from agrpo.models import load_model_and_tokenizer, shift_logits_of
 from agrpo.policy import Policy, unwrap
@@ -106,20 +110,21 @@ def masked_diffusion_loss(policy, prompt_ids, prompt_mask, targets, generator, e
 
 def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     cfg.validate()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.task, held_out=cfg.exclude_file or None, **({"teacher": cfg.teacher} if cfg.teacher != "solution" else {}))
     if not task.character_level:
         raise AgrpoError(f"agrpo sft trains the tiny tasks (tiny-sudoku, tiny-countdown), not {cfg.task!r}: they have reference completions")
-    if cfg.model == "scratch":
-        tokenizer = build_tokenizer()
-        model = build_tiny_model(
-            tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size, max_position_embeddings=64,
-        )
-    else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    with model_loading(accelerator):  # whole, or partitioned when a ZeRO-3 config says so
+        if cfg.model == "scratch":
+            tokenizer = build_tokenizer()
+            model = build_tiny_model(
+                tokenizer, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size, max_position_embeddings=64,
+            )
+        else:
+            model, tokenizer = load_model_and_tokenizer(cfg.model)
     policy = Policy(model, shift_logits=shift_logits_of(model)).to(device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
@@ -132,18 +137,26 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         return 1.0
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    settle_deepspeed(accelerator, policy, cfg.grad_clip)
+    launch = launch_record(accelerator, policy)
+    say(launch_line(launch))  # what runs, first; every process trains on the whole batch
     policy, optimizer = accelerator.prepare(policy, optimizer)
     core = unwrap(policy)
     eos = core.eos_id
 
     pool = task.train_examples(cfg.train_pool, seed=cfg.seed)
-    # the run folder is made once the task, its data and the model are known to load
-    run_dir = make_run_dir(cfg.output_dir, cfg.name, resume=False)
-    save_resolved_config(run_dir, config_to_dict(cfg))
+    # the run folder is made once the task, its data and the model are known to load; the first process writes
+    main = accelerator.is_main_process
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if main:
+        make_run_dir(cfg.output_dir, cfg.name, resume=False)
+        save_resolved_config(run_dir, config_to_dict(cfg))
+        record_launch(run_dir, launch)
+    accelerator.wait_for_everyone()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    log = RunLog(run_dir, resume=False)
+    log = RunLog(run_dir, resume=False) if main else None
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc="sft", unit="step")
@@ -163,7 +176,8 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
             accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        log.log(step + 1, {"step": step + 1, "loss": float(loss.detach()), "wall_s": time.perf_counter() - t_start})
+        if log is not None:
+            log.log(step + 1, {"step": step + 1, "loss": float(loss.detach()), "wall_s": time.perf_counter() - t_start})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
@@ -172,14 +186,17 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
     train_s = time.perf_counter() - t_start
 
     # 3. held-out accuracy, the paper's way (greedy, low-confidence remasking by default)
-    res = evaluate(policy, tokenizer, task, task.eval_examples(cfg.eval_size), cfg.eval_sampling)
+    with collective_free(accelerator, policy) as sampler:
+        res = evaluate(sampler, tokenizer, task, task.eval_examples(cfg.eval_size), cfg.eval_sampling)
     model_dir = run_dir / "model"
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar says nothing here
-    core.model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    if cfg.export_to:
+    weights, _ = gather_for_save(accelerator, policy, optimizer)  # whole, from the shards of FSDP / ZeRO-3
+    if main:
+        core.model.save_pretrained(model_dir, safe_serialization=True, state_dict=weights)
+        tokenizer.save_pretrained(model_dir)
+    if cfg.export_to and main:
         dest = Path(cfg.export_to)
         if dest.exists():
             shutil.rmtree(dest)
@@ -195,7 +212,10 @@ def train_sft(cfg: SFTConfig, accelerator: Accelerator | None = None) -> dict:
         "task": cfg.task,
         "seed": cfg.seed,
         "excluded_problems": len(task.excluded),
+        "launch": launch,
     }
-    log.log(cfg.steps, {"step": cfg.steps, "eval_accuracy": res["accuracy"], "wall_s": summary["wall_s"]})
-    write_summary(run_dir, summary)
+    if main:
+        log.log(cfg.steps, {"step": cfg.steps, "eval_accuracy": res["accuracy"], "wall_s": summary["wall_s"]})
+        write_summary(run_dir, summary)
+    accelerator.wait_for_everyone()
     return summary
