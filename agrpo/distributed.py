@@ -421,6 +421,13 @@ def loads_sharded(accelerator) -> bool:
     return plugin is not None and _zero_stage(accelerator) == 3 and bool(plugin.zero3_init_flag)
 
 
+def check_whole_copy(accelerator, what: str) -> None:
+    """Refuse, in one line, something that copies the whole model when the launch loads it partitioned."""
+    if loads_sharded(accelerator):
+        raise AgrpoError(f"{what} needs a whole copy of the model, which a partitioned load (zero3_init_flag: true) "
+                         "does not give: set zero3_init_flag: false in the accelerate config, or use LoRA")
+
+
 # -- checkpoints under every backend ---------------------------------------------------------
 ENGINE_DIR = "deepspeed"  # inside a checkpoint: DeepSpeed's own engine checkpoint (every rank's shard)
 _ENGINE_TAG = "state"

@@ -95,6 +95,8 @@ def main() -> None:
             return real_backward(loss, **kw)
 
         def prepare(*objects):
+            # how the model came to accelerate: whole, or already partitioned by a ZeRO-3 load
+            record["loaded_partitioned"] = any(hasattr(p, "ds_id") or p.numel() == 0 for p in objects[0].parameters())
             out = real_prepare(*objects)
             prepared["model"] = out[0]
             record["prepared"] = type(out[0]).__name__

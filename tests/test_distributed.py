@@ -117,6 +117,7 @@ def _assert_backend(run, config: str | None, processes: int) -> None:
     """The run trained with the backend its config asks for, on every process."""
     want, prepared = BACKENDS[config] if config else (SINGLE, None)
     for record in run.records:
+        assert record["loaded_partitioned"] is False  # every shipped config loads the model whole
         launch = record["launch"]
         assert {k: launch[k] for k in want} == want, launch
         assert launch["processes"] == processes and launch["precision"] == "float32"
@@ -182,6 +183,28 @@ def test_zero3_on_two_processes_is_zero3_on_one(launch):
     two = launch("zero3", "zero3", 2)
     for p1, p2 in zip(one.records[0]["params"], two.records[0]["params"]):
         assert torch.equal(p1, p2)
+
+
+@pytest.mark.slow
+@needs_launcher
+@needs_deepspeed
+def test_lora_and_gradient_checkpointing_under_zero3(launch):
+    """The paper presets' combination (LoRA adapters, gradient checkpointing, a KL term against the
+    adapter switched off) under ZeRO-3: as one plain process within ZeRO-3's tolerance, and exact resume."""
+    extra = ["lora.r=4", "gradient_checkpointing=true", "beta=0.04"]
+    one = launch("one-lora-gc", None, 1, extra=extra).records[0]
+    straight = launch("zero3-lora-gc", "zero3", 2, extra=extra)
+    _assert_backend(straight, "zero3", 2)
+    r0, r1 = straight.records
+    assert one["params"][-1].ne(one["params"][0]).any()
+    for p1, a, b in zip(one["params"], r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+        assert float((a - p1).abs().max() / p1.abs().max()) <= TOLERANCE["zero3"]
+    assert r0["engine_steps"] == STEPS
+    killed = launch("zero3-lora-gc-again-killed", "zero3", 2, kill_after=2, extra=extra)
+    assert killed.returncode != 0
+    resumed = launch("zero3-lora-gc-again-resumed", "zero3", 2, resume=True, extra=extra)
+    assert torch.equal(resumed.records[0]["params"][-1], r0["params"][-1])
 
 
 @pytest.mark.slow

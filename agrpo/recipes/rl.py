@@ -40,7 +40,7 @@ from agrpo.errors import AgrpoError, say
 from agrpo.evaluation import evaluate
 from agrpo.models import frozen_copy, load_model_and_tokenizer, shift_logits_of
 from agrpo.distributed import (
-    GradSyncCounter, collective_free, gather_for_save, launch_line, launch_record, load_weights_for_resume,
+    GradSyncCounter, check_whole_copy, collective_free, gather_for_save, launch_line, launch_record, load_weights_for_resume,
     make_accelerator, model_loading, record_launch, reduce_sum, resume_training_state, save_engine_state,
     settle_deepspeed,
 )
@@ -394,6 +394,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
                     return unwrap(policy)(x, pos, attn)
 
         else:
+            check_whole_copy(accelerator, "beta > 0 without LoRA (the reference is a frozen copy)")
             ref_logits_fn = Policy(frozen_copy(model), shift_logits=shift_logits).to(device)
     resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     if resume_from is not None:  # the weights go in whole before accelerate shards them (DeepSpeed: after)
