@@ -367,6 +367,12 @@ def settle_deepspeed(accelerator, model: nn.Module, grad_clip: float) -> None:
     if plugin is None:
         return
     config = plugin.deepspeed_config
+    own = [key for key in ("optimizer", "scheduler") if key in config]
+    if own:
+        raise AgrpoError(
+            f"the DeepSpeed config has its own {' and '.join(own)}: the recipe builds AdamW and its schedule from lr, "
+            "adam_beta1/2, weight_decay, lr_schedule and warmup; remove the section from the json"
+        )
     clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = clip

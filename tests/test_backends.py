@@ -48,12 +48,16 @@ def test_deepspeed_auto_values_follow_the_recipe():
     assert launch_line(launch_record(accelerator, _policy())).startswith("agrpo: deepspeed zero-2, float32, 2 processes")
 
 
-def test_a_clip_the_engine_would_override_is_refused_in_one_line():
+def test_settings_the_engine_would_override_are_refused_in_one_line():
     accelerator = _accelerator(config={"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}})
     with pytest.raises(AgrpoError, match="gradient_clipping=1.0 and the recipe at grad_clip=0.3") as err:
         settle_deepspeed(accelerator, _policy(), grad_clip=0.3)
     assert "\n" not in str(err.value)
     settle_deepspeed(accelerator, _policy(), grad_clip=1.0)  # the same value is fine
+    accelerator = _accelerator(config={"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})
+    with pytest.raises(AgrpoError, match="has its own optimizer: the recipe builds AdamW") as err:
+        settle_deepspeed(accelerator, _policy(), grad_clip=1.0)
+    assert "\n" not in str(err.value)
 
 
 def test_mixed_precision_beside_a_deepspeed_json_is_refused_in_one_line(monkeypatch):
