@@ -460,7 +460,8 @@ def test_each_config_launches_from_the_cli(tmp_path, train_with, eval_with):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("agrpo: ")]
     want = BACKENDS[train_with][0]
     head = want["backend"] + (f" zero-{want['zero_stage']}" if want["zero_stage"] else "")
-    assert ours[0] == f"agrpo: {head}, float32, 2 processes (cpu, gloo)", ours[:2]
+    # the backend, then (after "; ") the preset and task defaults the settings came from
+    assert ours[0].split("; ")[0] == f"agrpo: {head}, float32, 2 processes (cpu, gloo)", ours[:2]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1  # printed by the main process only
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())

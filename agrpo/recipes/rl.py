@@ -351,7 +351,8 @@ def _batch_indices(pool_size: int, n: int, step: int, seed: int) -> list[int]:
 
 def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | None = None) -> dict:
     """Run RL as `cfg` says -> the summary. `origin` (which preset and task defaults `cfg` came
-    from) is the run's first line, said once the task, data and model have loaded."""
+    from) goes on the run's first line after the backend, said once the task, data and model
+    have loaded."""
     cfg.validate()
     derived = f"{cfg.task}-{cfg.objective.replace('_', '-')}" + (f"-seed{cfg.seed}" if cfg.seed else "")
     cfg = replace(cfg, name=resolve_run_name(cfg.output_dir, cfg.name, derived, cfg.resume))
@@ -434,9 +435,8 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
             )
     if accelerator.is_main_process:
         make_run_dir(cfg.output_dir, cfg.name, cfg.resume)
-    say(launch_line(launch))
-    if origin:
-        say(origin)
+    # the first line: what runs, then where its settings came from (`origin` minus its "agrpo: ")
+    say(launch_line(launch) + (f"; {origin.removeprefix('agrpo: ')}" if origin else ""))
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, resume=cfg.resume) if accelerator.is_main_process else None
     if log is not None:
