@@ -31,17 +31,15 @@ fixed reference).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from agrpo.distributed import OneSync, totals
 from agrpo.errors import AgrpoError
 from agrpo.objectives.advantages import group_advantages
-from agrpo.objectives.base import Context, Objective, Part, add_piece, global_metrics, new_sums, register
-from agrpo.objectives.proxies import valid_tokens
+from agrpo.objectives.base import Context, Objective, Part, register
+from agrpo.objectives.proxies import run_pieces, valid_tokens
 from agrpo.sampling import Rollout
 
 
@@ -98,39 +96,8 @@ def row_chunks(rows: torch.Tensor, per_chunk: int) -> list[torch.Tensor]:
     return [rows[i : i + per_chunk] for i in range(0, rows.numel(), per_chunk)]
 
 
-def _zero_piece(policy: nn.Module, rollout: Rollout) -> torch.Tensor:
-    gen = rollout.completion.shape[1]
-    positions = rollout.prompt_len + torch.arange(gen, device=rollout.tokens.device)[None]
-    return policy(rollout.tokens[:1], positions, rollout.attention_mask[:1]).sum() * 0.0
-
-
-def backward_pieces(ctx: Context, parts: list[Part], chunks_of, loss_of, count_of) -> dict:
-    """Back-propagate the pieces of every part with one gradient sync -> the step's global metrics.
-
-    chunks_of(part) -> keys, one backward each; count_of(part) -> this part's share of the normaliser,
-    summed over micro-batches and processes; loss_of(part, key, total) -> (loss already divided by total,
-    metrics with clip_frac, kl, loss_tokens). Every process backs as many pieces (the largest count; the
-    others add zero pieces) and scales by the number of processes, which average their gradients.
-    """
-    accelerator = ctx.accelerator
-    keys = [list(chunks_of(p)) for p in parts]
-    total, pieces = totals(accelerator, sum(float(count_of(p)) for p in parts), sum(len(k) for k in keys))
-    pieces = max(pieces, 1)
-    sync = OneSync(accelerator, ctx.policy, pieces)
-    sums, used = new_sums(), 0
-    for part, part_keys in zip(parts, keys):
-        for key in part_keys:
-            with sync.piece():
-                loss, m = loss_of(part, key, max(total, 1.0))
-                accelerator.backward(loss * accelerator.num_processes)
-            add_piece(sums, {**m, "loss": float(loss.detach()) * accelerator.num_processes})
-            used += 1
-    while used < pieces:
-        with sync.piece():
-            accelerator.backward(_zero_piece(ctx.policy, parts[-1].rollout))
-        used += 1
-    sync.check()
-    return global_metrics(accelerator, sums)
+# the pieces of an update, with one gradient sync and padding pieces (shared with the other objectives)
+backward_pieces = run_pieces
 
 
 def learned_tokens(part: Part) -> torch.Tensor:
