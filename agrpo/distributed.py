@@ -157,8 +157,9 @@ def collective_free(accelerator, model: nn.Module):
     size, so processes run different numbers of sampling forwards. DDP would broadcast
     buffers and FSDP / ZeRO-3 would gather parameters in each of them, pairing calls across
     processes and hanging. So: the unwrapped module under DDP; under FSDP every unit gathered
-    once (the same calls on every process) and kept whole until the end; under ZeRO-3 the
-    parameters gathered for the duration. Sampling then holds the whole model, as DDP does.
+    once (the same calls on every process) and kept whole until the end; under ZeRO-3 every
+    parameter gathered at once and the engine's hooks off (`_zero3_gathered`). Sampling then
+    holds the whole model, as DDP does.
     """
     policy = unwrap(model)
     if _sharded(model):
@@ -367,12 +368,19 @@ def settle_deepspeed(accelerator, model: nn.Module, grad_clip: float) -> None:
     if plugin is None:
         return
     config = plugin.deepspeed_config
+    zero = config.setdefault("zero_optimization", {})
     own = [key for key in ("optimizer", "scheduler") if key in config]
     if own:
         raise AgrpoError(
             f"the DeepSpeed config has its own {' and '.join(own)}: the recipe builds AdamW and its schedule from lr, "
             "adam_beta1/2, weight_decay, lr_schedule and warmup; remove the section from the json"
         )
+    if int(plugin.zero_stage) == 3:  # checkpoints hold the whole model: the engine must gather it to save
+        gather = zero.get("stage3_gather_16bit_weights_on_model_save", "auto")
+        if gather is False:
+            raise AgrpoError("stage3_gather_16bit_weights_on_model_save is false in the DeepSpeed config: checkpoints "
+                             "hold the whole model in transformers' format, gathered at each save; set it to true")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     clip = float(grad_clip) if grad_clip and grad_clip > 0 else 0.0
     if config.get("gradient_clipping", "auto") == "auto":
         config["gradient_clipping"] = clip
@@ -383,7 +391,6 @@ def settle_deepspeed(accelerator, model: nn.Module, grad_clip: float) -> None:
             f"grad_clip={grad_clip:g}; DeepSpeed's engine does the clipping: set gradient_clipping to \"auto\" "
             "(it follows grad_clip) or pass the same grad_clip"
         )
-    zero = config.setdefault("zero_optimization", {})
     hidden = getattr(getattr(unwrap(model).model, "config", None), "hidden_size", None)
     sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
              "stage3_param_persistence_threshold": lambda h: 10 * h}

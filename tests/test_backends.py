@@ -54,6 +54,10 @@ def test_settings_the_engine_would_override_are_refused_in_one_line():
         settle_deepspeed(accelerator, _policy(), grad_clip=0.3)
     assert "\n" not in str(err.value)
     settle_deepspeed(accelerator, _policy(), grad_clip=1.0)  # the same value is fine
+    accelerator = _accelerator(stage=3, config={"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}})
+    with pytest.raises(AgrpoError, match="stage3_gather_16bit_weights_on_model_save is false") as err:
+        settle_deepspeed(accelerator, _policy(), grad_clip=1.0)
+    assert "\n" not in str(err.value)
     accelerator = _accelerator(config={"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})
     with pytest.raises(AgrpoError, match="has its own optimizer: the recipe builds AdamW") as err:
         settle_deepspeed(accelerator, _policy(), grad_clip=1.0)

@@ -466,7 +466,7 @@ def test_each_config_launches_from_the_cli(tmp_path, train_with, eval_with):
     assert len(summaries) == 1  # printed by the main process only
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {k: saved["launch"][k] for k in want} == want and saved["launch"]["processes"] == 2
-    assert (tmp_path / "run" / "config.yaml").read_text().splitlines()[0] == f"# launch: {ours[0].removeprefix('agrpo: ')}"
+    assert (tmp_path / "run" / "config.yaml").read_text().splitlines()[0] == f"# launch: {head}, float32, 2 processes (cpu, gloo)"
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000001"
     assert (checkpoint / "deepspeed").is_dir() == (want["backend"] == "deepspeed")
     assert (checkpoint / "optimizer.pt").is_file() == (want["backend"] != "deepspeed")
