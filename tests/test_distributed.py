@@ -481,3 +481,32 @@ def test_each_config_launches_from_the_cli(tmp_path, train_with, eval_with):
     assert ours[0].startswith(f"agrpo: {head}, float32, 2 processes (cpu, gloo); evaluation only samples"), ours[:2]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["eval_size"] == 4
+
+
+@pytest.mark.slow
+@needs_launcher
+@needs_deepspeed
+def test_the_readme_multi_machine_launch(tmp_path):
+    """README "Several machines": the same command on each machine with its rank, here two machines of one
+    process each on this one (127.0.0.1), ZeRO-3: one run over both."""
+    port = str(_free_port())
+    settings = [f"output_dir={tmp_path}", "name=run", "model=tiny:countdown", "task=tiny-countdown", "max_steps=2",
+                "time_budget_s=0", "prompts_per_step=4", "group_size=2", "eval_size=2", "train_pool=64", "progress=false"]
+    procs = [subprocess.Popen(
+        [ACCELERATE, "launch", "--config_file", "configs/accelerate/zero3.yaml", "--num_machines", "2",
+         "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", port, "-m", "agrpo.cli", "train", *settings],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=DEADLINE_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    first = [line for line in outs[0][1].splitlines() if line.startswith("agrpo: ")][0]
+    assert first.startswith("agrpo: deepspeed zero-3, float32, 2 processes (cpu, gloo)"), first
+    assert not [line for line in outs[1][1].splitlines() if line.startswith("agrpo: ")]  # said once, by rank 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["launch"]["processes"] == 2
