@@ -98,3 +98,17 @@ def test_a_resume_under_another_backend_is_refused_in_one_line(tmp_path, saved, 
         assert "\n" not in str(err.value) and f"model={tmp_path}" in str(err.value)
     else:
         check_resume_backend(accelerator, _policy(), tmp_path, saved)
+
+
+def test_sft_and_eval_say_their_backend_first(tmp_path, capsys):
+    import json
+
+    from agrpo.cli import main
+
+    assert main(["sft", f"output_dir={tmp_path}", "name=s", "steps=2", "eval_size=4", "progress=false"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "agrpo: 1 process, no distributed backend, float32 (cpu)", err[:2]
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["launch"]["backend"] == "single"
+    assert (tmp_path / "s" / "config.yaml").read_text().startswith("# launch: 1 process, no distributed backend")
+    assert main(["eval", f"model={tmp_path / 's' / 'model'}", "eval_size=4", f"out={tmp_path / 'e'}", "progress=false"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == "agrpo: 1 process, no distributed backend, float32 (cpu)"
