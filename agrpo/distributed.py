@@ -475,8 +475,9 @@ def save_engine_state(accelerator, model: nn.Module, run_dir: Path, step: int) -
 
 def check_resume_backend(accelerator, model: nn.Module, path: Path, saved: dict | None) -> None:
     """Refuse, in one line, to resume a checkpoint whose optimizer state this launch cannot read."""
-    saved_record = saved or ({"backend": "deepspeed", "zero_stage": "?", "processes": "?"}
-                             if (path / ENGINE_DIR).is_dir() else {})
+    if saved is None and not (path / ENGINE_DIR).is_dir():
+        return  # written before checkpoints recorded their launch: the optimizer loaders judge it
+    saved_record = saved or {"backend": "deepspeed", "zero_stage": "?", "processes": "?"}
     now = launch_record(accelerator, model)
     if _optimizer_format(saved_record) != _optimizer_format(now):
         raise AgrpoError(

@@ -601,7 +601,7 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
                 "final_accuracy": None, "last_eval_accuracy": last_accuracy,
                 "last_eval_solved": counters.get("last_solved", counters.get("base_solved")),
                 "last_eval_step": counters.get("last_eval_step", 0), "wall_s": counters["wall_s"],
-                "checkpoint": str(checkpoint) if checkpoint else None,
+                "checkpoint": str(checkpoint) if checkpoint else None, "launch": launch,
             })
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
             where = (f"resume=true continues from {checkpoint.name}" if checkpoint
