@@ -241,6 +241,30 @@ def test_diffu_grpo_two_processes_train_as_one(launch):
         assert (a - p1).abs().max() <= 1e-6 * p1.abs().max()
 
 
+# objectives whose Monte Carlo masks are drawn in the loss (not by the sampler): 2 processes must draw,
+# and so learn, what 1 process does
+MASKED_OBJECTIVES = {
+    "espo": ["objective=espo", "espo.copies=2", "beta=0.01"],
+    "spg": ["objective=spg", "spg.copies=2", "spg.block_length=4"],
+    "bgpo": ["objective=bgpo", "bgpo.copies=3", "inner_steps=2"],
+}
+
+
+@pytest.mark.slow
+@needs_launcher
+@pytest.mark.parametrize("objective", sorted(MASKED_OBJECTIVES))
+def test_masked_objectives_two_processes_train_as_one(launch, objective):
+    extra = [*MASKED_OBJECTIVES[objective], "max_steps=2", "save_every=0"]
+    one = launch(f"one-{objective}", None, 1, extra=extra).records[0]
+    r0, r1 = launch(f"ddp-{objective}", "ddp", 2, extra=extra).records
+    updates = 2 * (2 if "inner_steps=2" in extra else 1)
+    assert len(one["params"]) == len(r0["params"]) == updates
+    assert not torch.equal(one["params"][-1], one["params"][0])  # it learned something
+    for p1, a, b in zip(one["params"], r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+        assert (a - p1).abs().max() <= 1e-6 * p1.abs().max()
+
+
 @pytest.mark.slow
 @needs_launcher
 @pytest.mark.parametrize("backend", ALL)

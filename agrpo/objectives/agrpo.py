@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -344,19 +344,32 @@ def agrpo_loss(
     return total, metrics
 
 
+@dataclass
+class AGRPOKeys:
+    """AGRPO's settings, top-level keys of the run's config (every preset has them)."""
+
+    num_samples: int = field(default=16, metadata={"help": "denoising steps sampled per completion (K)"})
+    step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = field(
+        default="stratified", metadata={"help": "how the K steps are drawn"}
+    )
+    importance: Literal["none", "entropy"] = field(default="none", metadata={"help": "entropy importance sampling of steps"})
+
+
 @register
 class AGRPO(Objective):
     """The recipe's default: K denoising steps a completion, each scored exactly at its rebuilt state.
 
-    Its settings are top-level keys of the run's config, where every preset has them:
-    `num_samples` (K), `step_sampling`, `importance`, `eos_steps`, `normalization`,
-    `max_rows_per_forward`.
+    Its settings are top-level keys of the run's config: `num_samples` (K), `step_sampling`,
+    `importance` (declared here), with the recipe's `eos_steps`, `normalization`, `max_rows_per_forward`.
     """
 
     name = "agrpo"
     summary = "AGRPO: Monte Carlo over denoising steps, each step's exact conditional (AGRPO.md)"
+    top_level = AGRPOKeys
 
     def check(self, cfg) -> None:
+        if cfg.num_samples < 1:
+            raise AgrpoError(f"num_samples must be >= 1, got {cfg.num_samples}")
         if cfg.num_samples > cfg.sampling.steps:
             raise AgrpoError(
                 f"num_samples={cfg.num_samples} is more than the sampling.steps={cfg.sampling.steps} denoising steps: "

@@ -15,7 +15,9 @@ draw and a resumed run what the straight run drew). The objective then
 
 An objective lives in one file under `agrpo/objectives/`, registers itself with `@register`
 and, when it has settings of its own, declares them as a dataclass (`settings`) that becomes
-the config section named after it (`espo.copies=2`). The recipe calls nothing else.
+the config section named after it (`espo.copies=2`). Settings that predate the sections keep
+their top-level keys (`num_samples=24`): an objective declares those as a dataclass too
+(`top_level`). The recipe calls nothing else.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Objective:
 
     name: ClassVar[str] = ""
     settings: ClassVar[type | None] = None  # a dataclass whose fields carry help texts
+    top_level: ClassVar[type | None] = None  # a dataclass of settings kept as top-level config keys
     summary: ClassVar[str] = ""  # one line for `agrpo config train` and the README's table
 
     def needs_reference(self, cfg) -> bool:
@@ -90,8 +93,9 @@ def register(cls: type[Objective]) -> type[Objective]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
         raise ValueError(f"two objectives are named {cls.name!r}")
-    if cls.settings is not None and not dataclasses.is_dataclass(cls.settings):
-        raise ValueError(f"{cls.__name__}.settings must be a dataclass")
+    for kind in ("settings", "top_level"):
+        if getattr(cls, kind) is not None and not dataclasses.is_dataclass(getattr(cls, kind)):
+            raise ValueError(f"{cls.__name__}.{kind} must be a dataclass")
     OBJECTIVES[cls.name] = cls
     return cls
 
@@ -130,12 +134,24 @@ def global_metrics(accelerator, sums: dict) -> dict:
 
 
 def with_objective_settings(cls):
-    """`cls` (the RL config dataclass) with one section per registered objective that has settings,
-    named after it (`espo.copies=2`), so that an objective's file alone declares its knobs."""
-    extra = [
-        (name, obj.settings, field(default_factory=obj.settings, metadata={"help": f"objective={name}: {obj.summary}"}))
-        for name, obj in OBJECTIVES.items() if obj.settings is not None
-    ]
+    """`cls` (the RL config dataclass) with the settings every registered objective declares, so that
+    an objective's file alone declares its knobs: a section named after the objective for its
+    `settings` (`espo.copies=2`), and the fields of its `top_level` as top-level keys."""
+    extra, seen = [], {f.name for f in dataclasses.fields(cls)}
+    for name, obj in OBJECTIVES.items():
+        for f in dataclasses.fields(obj.top_level) if obj.top_level is not None else ():
+            if f.name in seen:
+                raise ValueError(f"objective {name!r} declares the config key {f.name!r}, which is already taken")
+            seen.add(f.name)
+            made = field(default=f.default, default_factory=f.default_factory,
+                         metadata={**f.metadata, "help": f"objective={name}: {f.metadata.get('help', '')}"})
+            extra.append((f.name, f.type, made))
+    for name, obj in OBJECTIVES.items():
+        if obj.settings is not None:
+            if name in seen:
+                raise ValueError(f"objective {name!r} would name a config section after a key already taken")
+            extra.append((name, obj.settings,
+                          field(default_factory=obj.settings, metadata={"help": f"objective={name}: {obj.summary}"})))
     if not extra:
         return cls
     made = dataclasses.make_dataclass(cls.__name__, extra, bases=(cls,))

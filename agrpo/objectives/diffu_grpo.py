@@ -9,6 +9,7 @@ of each iteration are taken with that iteration's mask before any update.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -131,13 +132,25 @@ def diffu_grpo_loss(
     return loss, metrics
 
 
+@dataclass
+class DiffuGRPOKeys:
+    """diffu-GRPO's own setting, a top-level key of the run's config (every preset has it)."""
+
+    prompt_mask_p: float = field(default=0.15, metadata={"help": "prompt-token mask probability"})
+
+
 @register
 class DiffuGRPO(Objective):
-    """d1's diffu-GRPO. Its settings are top-level keys of the run's config, where every preset has
-    them: `prompt_mask_p`, `inner_steps` (mu), `eos_steps`, `normalization`."""
+    """d1's diffu-GRPO. Its settings are top-level keys of the run's config: `prompt_mask_p`
+    (declared here), with the recipe's `inner_steps` (mu), `eos_steps`, `normalization`."""
 
     name = "diffu_grpo"
     summary = "diffu-GRPO (d1): one-step mean-field token likelihoods, mu updates a batch (AGRPO.md §3)"
+    top_level = DiffuGRPOKeys
+
+    def check(self, cfg) -> None:
+        if not 0 <= cfg.prompt_mask_p < 1:
+            raise AgrpoError(f"prompt_mask_p must be in [0, 1), got {cfg.prompt_mask_p}")
 
     def prepare(self, ctx: Context, parts: list[Part]) -> None:
         """A prompt mask per inner update, and under it the old (and reference) log-probs."""

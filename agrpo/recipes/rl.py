@@ -1,12 +1,15 @@
-"""RL post-training of a masked diffusion LM: AGRPO (default) or diffu-GRPO.
+"""RL post-training of a masked diffusion LM with any registered objective (agrpo/objectives/).
 
     agrpo train                                   # the tiny Sudoku default, CPU, minutes
     agrpo train -c configs/llada8b/countdown.yaml  # paper scale, accelerate launch ...
 
-One step reads top to bottom: prompts -> rollouts -> rewards -> advantages -> loss over
-sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / the paper:
-* the loss is AGRPO's Monte Carlo estimate over denoising steps (AGRPO.md §2), rebuilt
-  exactly from the rollout record, not a one-step mean-field likelihood;
+One step reads top to bottom: prompts -> rollouts -> rewards -> advantages -> the objective's
+loss -> optimizer step -> log. The objective is called through its interface only
+(`agrpo/objectives/base.py`): how rewards become advantages, the work done once per batch of
+rollouts, the loss of each update and its metrics; its settings are declared in its own file.
+Where this departs from textbook GRPO:
+* the default objective's loss is a Monte Carlo estimate over denoising steps (AGRPO.md §2),
+  rebuilt exactly from the rollout record, not a one-step mean-field likelihood;
 * advantages are r - mean(r) (no std) by default, as the official code; `None` rewards
   drop the completion instead of counting as zero;
 * the tiny default trains with a smaller model, fewer steps and a larger learning rate
@@ -22,7 +25,6 @@ sampled steps -> optimizer step -> log. Where this departs from textbook GRPO / 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -122,24 +124,18 @@ class RLConfig:
     eval_sampling: SamplingConfig = field(default_factory=paper_eval_sampling, metadata={"help": "evaluation sampler"})
     # objective
     objective: str = field(default=DEFAULT_OBJECTIVE, metadata={"help": f"policy-gradient objective: {', '.join(OBJECTIVES)}"})
-    num_samples: int = field(default=16, metadata={"help": "AGRPO: denoising steps sampled per completion (K)"})
-    step_sampling: Literal["uniform", "low_discrepancy", "stratified"] = field(
-        default="stratified", metadata={"help": "AGRPO: how the K steps are drawn"}
-    )
-    importance: Literal["none", "entropy"] = field(default="none", metadata={"help": "AGRPO: entropy importance sampling of steps"})
     eos_steps: Literal["include", "exclude"] = field(
         default="include",
         metadata={"help": "include: EOS tokens sampled after the answer are learned from (the decision to stop); exclude: the official truncation"},
     )
     normalization: Literal["sequence", "token"] = field(
-        default="sequence", metadata={"help": "sequence: sum/(K*G) as the official code; token: mean over loss tokens"}
+        default="sequence", metadata={"help": "sequence: each completion's terms summed, over the number of completions (the official codes); token: mean over loss tokens"}
     )
     scale_std: bool = field(default=False, metadata={"help": "divide advantages by the group std"})
     eps_low: float = field(default=0.2, metadata={"help": "PPO clip below: ratio >= 1 - eps_low"})
     eps_high: float = field(default=0.2, metadata={"help": "PPO clip above: ratio <= 1 + eps_high"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL weight against the reference (0: no reference kept)"})
     inner_steps: int = field(default=1, metadata={"help": "optimizer steps per batch of rollouts (mu)"})
-    prompt_mask_p: float = field(default=0.15, metadata={"help": "diffu-GRPO: prompt-token mask probability"})
     max_rows_per_forward: int = field(default=512, metadata={"help": "sequences per forward in the loss (memory budget)"})
     # optimizer
     lr: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW)"})
@@ -179,7 +175,7 @@ class RLConfig:
         if self.lora.r < 0:
             raise AgrpoError(f"lora.r must be >= 0 (0 trains the full model), got {self.lora.r}")
         get_objective(self.objective).check(self)
-        for name in ("prompts_per_step", "group_size", "num_samples", "inner_steps", "eval_size", "train_pool"):
+        for name in ("prompts_per_step", "group_size", "inner_steps", "eval_size", "train_pool"):
             if getattr(self, name) < 1:
                 raise AgrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -213,7 +209,7 @@ class RLConfig:
             raise AgrpoError(f"warmup_ratio must be below 1 (a fraction of the planned steps), got {self.warmup_ratio}")
 
 
-RLConfig = with_objective_settings(RLConfig)  # a section per objective with settings of its own
+RLConfig = with_objective_settings(RLConfig)  # the settings each objective declares in its own file
 
 
 def default_preset() -> str:
@@ -457,6 +453,19 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
         total = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=device), reduction="sum")
         return float(total[0] / total[2]), float(total[1] / total[2])
 
+    def save(step: int) -> None:
+        """A checkpoint of every process's state (weights gathered whole; DeepSpeed's own partitions)."""
+        accelerator.wait_for_everyone()
+        weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
+        engine_dir = save_engine_state(accelerator, policy, run_dir, step)
+        if accelerator.is_main_process:
+            save_checkpoint(
+                run_dir, step, core.model, None if engine_dir else optimizer, scheduler,
+                extra={"counters": counters, "launch": launch}, keep_last=cfg.keep_checkpoints or None,
+                tokenizer=tokenizer, model_state=weights, optimizer_state=optimizer_state, engine_dir=engine_dir,
+            )
+        accelerator.wait_for_everyone()
+
     shout = cfg.progress and accelerator.is_main_process  # what a person watching the run reads as it happens
     baselines = task.baselines(eval_set)  # accuracies that need no model, e.g. a guesser's
     if start_step == 0:
@@ -478,44 +487,15 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
     # the accuracy of the newest weights evaluated, carried through checkpoints
     last_accuracy = counters.get("last_accuracy", base_accuracy)
 
-    per_rank = cfg.prompts_per_step // world
-    per_part = cfg.rollout_batch_size // cfg.group_size or per_rank
     bar = _progress_bar(cfg, max_steps, start_step, counters["wall_s"]) if shout else None
     step = start_step
     t_origin = time.perf_counter() - counters["wall_s"]
     try:
         while not _run_over(cfg, max_steps, step, counters["wall_s"]):
-            t0 = time.perf_counter()
-            t_rollout, syncs_before = 0.0, syncs.count
+            t0, syncs_before = time.perf_counter(), syncs.count
 
-            # 1. prompts: this process's share, each repeated group_size times, in micro-batches
-            idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
-            parts = []
-            for first in range(0, per_rank, per_part):
-                gen = _draw_generator(cfg.seed, step, rank * per_rank + first, device)
-                batch = [train_pool[i] for i in idx[first : first + per_part] for _ in range(cfg.group_size)]
-                prompts = [task.prompt(ex) for ex in batch]
-                prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
-
-                # 2. rollouts
-                t1 = time.perf_counter()
-                core.eval()
-                with collective_free(accelerator, policy) as sampler:
-                    rollout = generate(sampler, prompt_ids, prompt_mask, cfg.sampling, gen)
-                core.train()
-                t_rollout += time.perf_counter() - t1
-
-                # 3. rewards -> group advantages (None rewards are dropped, not zeroed)
-                completions = decode_completions(tokenizer, rollout.completion, rollout.stop_ids)
-                columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
-                rewards = list(task.reward(prompts, completions, **columns))
-                if len(rewards) != len(completions):
-                    raise AgrpoError(
-                        f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
-                        f"return one float (or None) per completion"
-                    )
-                advantages, valid = objective.advantages(rewards, cfg.group_size, cfg)
-                parts.append(Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
+            # 1-3. this process's prompts -> rollouts -> rewards -> group advantages, in micro-batches
+            parts, t_rollout = _rollouts(cfg, task, tokenizer, train_pool, accelerator, policy, objective, step)
 
             # 4. the objective's loss -> one optimizer step per inner step, whatever the number of
             #    micro-batches, chunks and processes (agrpo/objectives/base.py, agrpo/distributed.py)
@@ -533,31 +513,13 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
                     counters["skipped_steps"] += 1
             step += 1
             # the time budget must stop every process at the same step: they share one clock
-            dt = reduce_sum(accelerator, {"dt": time.perf_counter() - t0})["dt"] / world
-            counters["wall_s"] += dt
+            counters["wall_s"] += (dt := reduce_sum(accelerator, {"dt": time.perf_counter() - t0})["dt"] / world)
 
-            # 5. log
-            rewards = [x for part in parts for x in part.rewards]
-            r = torch.tensor([x if x is not None else float("nan") for x in rewards], dtype=torch.float64, device=device)
-            all_r = accelerator.gather(r)  # whole groups per process: group g is rows g*G .. g*G+G-1
-            calls = recorder.take()
-            summed = reduce_sum(accelerator, step_sums(task, calls, [p.rollout for p in parts]))
-            r = all_r[~torch.isnan(all_r)]
-            line = {
-                "step": step,
-                "reward_mean": float(r.mean()) if r.numel() else float("nan"),
-                "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
-                **step_means(summed, all_r, cfg.group_size),
-                "loss": metrics["loss"],
-                "clip_frac": metrics["clip_frac"],
-                "kl": metrics["kl"],
-                "grad_norm": grad_norm,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": sum(p.rollout.completion.numel() for p in parts) * world / max(t_rollout, 1e-9),
-                "step_s": dt,
-                "skipped_steps": counters["skipped_steps"],
-                "wall_s": counters["wall_s"],
-            }
+            # 5. log, evaluate, save
+            stats, calls = _rollout_stats(cfg, task, recorder, accelerator, parts)
+            line = {"step": step, **stats, **metrics, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": sum(p.rollout.completion.numel() for p in parts) * world / max(t_rollout, 1e-9),
+                    "step_s": dt, "skipped_steps": counters["skipped_steps"], "wall_s": counters["wall_s"]}
             if syncs.active:
                 line["grad_syncs"] = syncs.count - syncs_before
             final = _run_over(cfg, max_steps, step, counters["wall_s"])
@@ -573,22 +535,9 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
                     append_jsonl(samples_path, samples_of(step, calls, SAMPLES_PER_LOG))
             accelerator.log({k: v for k, v in line.items() if k != "step"}, step=step)
             if bar is not None:
-                if isinstance(bar, _TimeBar):
-                    bar.advance_to(counters["wall_s"])
-                else:
-                    bar.update(1)
-                bar.set_postfix(_postfix(cfg, max_steps, step, line, last_accuracy), refresh=False)
+                _advance(bar, counters["wall_s"], _postfix(cfg, max_steps, step, line, last_accuracy))
             if (cfg.save_every and step % cfg.save_every == 0) or final:
-                accelerator.wait_for_everyone()
-                weights, optimizer_state = gather_for_save(accelerator, policy, optimizer)
-                engine_dir = save_engine_state(accelerator, policy, run_dir, step)  # DeepSpeed's partitions
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        run_dir, step, core.model, None if engine_dir else optimizer, scheduler,
-                        extra={"counters": counters, "launch": launch}, keep_last=cfg.keep_checkpoints or None,
-                        tokenizer=tokenizer, model_state=weights, optimizer_state=optimizer_state, engine_dir=engine_dir,
-                    )
-                accelerator.wait_for_everyone()
+                save(step)
     except KeyboardInterrupt:
         # what the run has done so far stays readable: the summary says it was interrupted and gives
         # the last evaluation with its step, never as the accuracy of weights it was not measured on
@@ -638,6 +587,54 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
     return summary
 
 
+def _rollouts(cfg, task, tokenizer, train_pool, accelerator, policy, objective, step: int) -> tuple[list[Part], float]:
+    """This process's share of the step's prompts, each repeated group_size times, as micro-batches
+    of rollouts with their rewards and the objective's advantages -> (parts, seconds spent sampling)."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    per_rank = cfg.prompts_per_step // world
+    per_part = cfg.rollout_batch_size // cfg.group_size or per_rank
+    idx = _batch_indices(len(train_pool), cfg.prompts_per_step, step, cfg.seed)[rank * per_rank : (rank + 1) * per_rank]
+    core, parts, t_rollout = unwrap(policy), [], 0.0
+    for first in range(0, per_rank, per_part):
+        gen = _draw_generator(cfg.seed, step, rank * per_rank + first, device)
+        batch = [train_pool[i] for i in idx[first : first + per_part] for _ in range(cfg.group_size)]
+        prompts = [task.prompt(ex) for ex in batch]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, cfg.chat_template, device)
+        t1 = time.perf_counter()
+        core.eval()
+        with collective_free(accelerator, policy) as sampler:
+            rollout = generate(sampler, prompt_ids, prompt_mask, cfg.sampling, gen)
+        core.train()
+        t_rollout += time.perf_counter() - t1
+        # rewards -> group advantages (None rewards are dropped, not zeroed)
+        completions = decode_completions(tokenizer, rollout.completion, rollout.stop_ids)
+        columns = {k: [ex[k] for ex in batch] for k in batch[0] if k != "prompt"}
+        rewards = list(task.reward(prompts, completions, **columns))
+        if len(rewards) != len(completions):
+            raise AgrpoError(
+                f"the {cfg.task} reward returned {len(rewards)} values for {len(completions)} completions: "
+                f"return one float (or None) per completion"
+            )
+        advantages, valid = objective.advantages(rewards, cfg.group_size, cfg)
+        parts.append(Part(rollout, advantages.to(device), valid.to(device), rewards, gen))
+    return parts, t_rollout
+
+
+def _rollout_stats(cfg, task, recorder, accelerator, parts) -> tuple[dict, list]:
+    """The step's reward and rollout statistics over every process -> (stats, this process's reward calls)."""
+    rewards = [x for part in parts for x in part.rewards]
+    r = torch.tensor([x if x is not None else float("nan") for x in rewards], dtype=torch.float64, device=accelerator.device)
+    all_r = accelerator.gather(r)  # whole groups per process: group g is rows g*G .. g*G+G-1
+    calls = recorder.take()
+    summed = reduce_sum(accelerator, step_sums(task, calls, [p.rollout for p in parts]))
+    r = all_r[~torch.isnan(all_r)]
+    return {
+        "reward_mean": float(r.mean()) if r.numel() else float("nan"),
+        "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+        **step_means(summed, all_r, cfg.group_size),
+    }, calls
+
+
 # how the start of a run names the accuracies a task gives without a model
 BASELINE_LABELS = {"model_free_accuracy": "a model-free guesser (uniform over the digits the clues allow) scores"}
 
@@ -649,6 +646,15 @@ def _progress_bar(cfg: RLConfig, max_steps: int, start_step: int, spent_s: float
     if cfg.time_budget_s:  # the bar moves with the time the steps spend (evaluations are not counted)
         return _TimeBar(cfg.time_budget_s, spent_s)
     return tqdm(initial=start_step, desc="train", unit="step", file=sys.stderr)
+
+
+def _advance(bar, spent_s: float, postfix: dict) -> None:
+    """Move the bar past the step just done (a time bar: to the training time spent)."""
+    if isinstance(bar, _TimeBar):
+        bar.advance_to(spent_s)
+    else:
+        bar.update(1)
+    bar.set_postfix(postfix, refresh=False)
 
 
 class _TimeBar(tqdm):
