@@ -91,3 +91,18 @@ def z_advantages(rewards, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     std = ((centred**2).sum(1, keepdim=True) / count).sqrt()
     adv = torch.where(std > 0, centred / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(centred))
     return adv.flatten().float(), ok.flatten()
+
+
+def accuracy_filter(rewards, group_size: int, correct_at: float, low: float, high: float) -> torch.Tensor:
+    """[N] bool: the rows of the groups whose accuracy lies in [low, high] (a group filter).
+
+    A group's accuracy is the fraction of its valid rewards that are >= `correct_at`; a group with
+    no valid reward has none and is left out. TraceRL keeps 0.2 <= accuracy <= 0.8 (it drops the
+    groups above 0.8 or below 0.2).
+    """
+    grid, ok = _grid(rewards, group_size)
+    count = ok.sum(1)
+    right = ((grid >= correct_at) & ok).sum(1)
+    accuracy = right.double() / count.clamp(min=1).double()  # one rounding: k/n equals the literal k/n
+    keep = (count > 0) & (accuracy >= low) & (accuracy <= high)
+    return keep[:, None].expand_as(ok).flatten()
