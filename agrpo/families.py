@@ -6,7 +6,11 @@ fails on 5.x (NOTES.md, 2026-11-25). The functions they compute exist in transfo
 * LLaDA (8B-Base, 8B-Instruct, 1.5) is a Llama block (RMSNorm, SwiGLU, RoPE, no biases)
   with attention over the whole sequence, under other config fields and weight names;
 * Dream (v0-Base/Instruct-7B) is a Qwen2 (q/k/v biases) with attention over the whole
-  sequence whose logits are next-token style: position i predicts token i + 1.
+  sequence whose logits are next-token style: position i predicts token i + 1;
+* SDAR (1.7B/4B/8B-Chat, TraDo) is a Qwen3 (per-head q/k RMSNorm) under block attention:
+  causal across blocks of `block_size` tokens, bidirectional inside one (`agrpo.blocks`);
+* LLaDA2.0 / 2.1 (mini) is a mixture-of-experts model transformers does not ship, under the
+  same block attention: `agrpo.modeling_llada2` implements it, with the hub's weight names.
 
 A family is a `Family` record read by one loader (`agrpo.models`). The weight names are
 renamed by `from_pretrained(key_mapping=...)` while the tensors stream in, so an 8B model
@@ -15,8 +19,9 @@ is never held twice. `save_in_family_format` writes a model back in its family's
 evaluation scripts written against it.
 
 What a loaded model carries on its config (and keeps through `save_pretrained`):
-`agrpo_family` = {"name", "hub_config", "source"}, `shift_logits`, `mask_token_id`, and
-`eos_token_id` as the list of ids that end a row (EOS first, then the end-of-turn tokens).
+`agrpo_family` = {"name", "hub_config", "source"}, `shift_logits`, `mask_token_id`,
+`eos_token_id` as the list of ids that end a row (EOS first, then the end-of-turn tokens), and
+for the block-diffusion families `block_size` (absent: attention over the whole sequence).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class Family:
     name: str
     # `model_type` values of the hub config.json (lower case) that identify the family
     model_types: tuple[str, ...] = ()
-    # the transformers class the weights load into; None: the class the config names
+    # the class the weights load into: a transformers class name, or "module.Class" for one of
+    # ours (`native_model_class`); None: the class the config names
     native_class: str | None = None
     # architecture fields: hub config field -> native config field (written back on export)
     config_fields: MappingProxyType = field(default_factory=lambda: _frozen({}))
@@ -57,6 +63,9 @@ class Family:
     # hub fields outside `config_fields` are copied as they are (the native class shares them
     # and its defaults); without it every field of `config_fields` must be in config.json
     passthrough: bool = False
+    # hub fields never handed to the native config (settings of the hub's own code, such as the
+    # attention kernel it asks for); they stay in the recorded hub config.json
+    dropped_fields: tuple[str, ...] = ()
     # regex on checkpoint weight names -> native name, applied in order (transformers' key_mapping)
     weight_names: MappingProxyType = field(default_factory=lambda: _frozen({}))
     # hub module names -> native ones, for LoRA target_modules written with the hub's names
@@ -70,6 +79,11 @@ class Family:
     # that names the hub's own tokenizer code (`remote_tokenizers`); None: what the files name
     tokenizer_class: str | None = None
     remote_tokenizers: tuple[str, ...] = ()
+    # block-diffusion families: tokens per block when neither the config nor the caller says
+    # (None: attention over the whole sequence)
+    default_block_size: int | None = None
+    # a recognised format agrpo does not read natively: why, and what to do instead (one line)
+    unsupported: str | None = None
 
 
 LLADA = Family(
@@ -147,9 +161,90 @@ DREAM = Family(
     remote_tokenizers=("DreamTokenizer",),
 )
 
+_QWEN3_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "tie_word_embeddings",
+    "attention_bias", "attention_dropout",
+)
+
+SDAR = Family(
+    name="sdar",
+    model_types=("sdar",),
+    # SDARConfig's fields and defaults are Qwen3Config's; its modules and weight names are Qwen3's
+    native_class="Qwen3ForCausalLM",
+    config_fields=_frozen({k: k for k in _QWEN3_FIELDS}),
+    supported_values=_frozen({
+        "hidden_act": ("silu",),
+        "use_sliding_window": (False, None),
+        "rope_scaling": (None,),
+    }),
+    passthrough=True,
+    # SDAR asks for flex attention (its training kernel); agrpo chooses the attention kernel itself
+    dropped_fields=("attn_implementation",),
+    default_mask_id=151669,
+    end_of_turn=("<|im_end|>",),
+    default_block_size=4,
+)
+
+LLADA2 = Family(
+    name="llada2",
+    model_types=("llada2_moe",),
+    native_class="agrpo.modeling_llada2.LLaDA2ForCausalLM",
+    # the native config takes the hub's field names, and the modules carry the hub's weight names
+    config_fields=_frozen({k: k for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "partial_rotary_factor", "hidden_act",
+        "tie_word_embeddings", "use_qkv_bias", "use_bias", "num_experts", "num_shared_experts", "num_experts_per_tok",
+        "n_group", "topk_group", "routed_scaling_factor", "moe_intermediate_size", "first_k_dense_replace",
+        "max_position_embeddings", "attention_dropout",
+    )}),
+    # fields the hub code reads as a fixed choice: another value means code agrpo does not know
+    supported_values=_frozen({
+        "hidden_act": ("silu",),
+        "score_function": ("sigmoid",),
+        "use_qk_norm": (True,),
+        "use_rmsnorm": (True,),
+        "norm_topk_prob": (True,),
+        "norm_head": (False,),
+        "norm_softmax": (False,),
+        "use_sliding_window": (False, None),
+        "using_split_qkv_in_self_attention": (False, None),
+        "rope_scaling": (None,),
+    }),
+    passthrough=True,
+    dropped_fields=("rope_scaling",),
+    # LLaDA2's mask and block length are arguments of its generate (mask_id=156895, block_length=32)
+    default_mask_id=156895,
+    end_of_turn=("<|role_end|>",),
+    default_block_size=32,
+)
+
+SDAR_MOE = Family(
+    name="sdar_moe",
+    model_types=("sdar_moe",),
+    unsupported=(
+        "SDAR MoE checkpoints (model_type sdar_moe, SDAR-30B-A3B) are not read natively: load them with "
+        "trust_remote_code=true, or use a dense SDAR (1.7B/4B/8B-Chat)"
+    ),
+)
+
 GENERIC = Family(name="generic")
 
-FAMILIES = {f.name: f for f in (LLADA, DREAM, GENERIC)}
+FAMILIES = {f.name: f for f in (LLADA, DREAM, SDAR, LLADA2, SDAR_MOE, GENERIC)}
+
+
+def native_model_class(family: Family):
+    """The model class named by `family.native_class`: a transformers class, or "module.Class"
+    (importing the module registers its classes with transformers' Auto classes)."""
+    import importlib
+
+    import transformers
+
+    name = family.native_class
+    if name is None:
+        raise AgrpoError(family.unsupported or f"the {family.name} family has no native model class")
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module(module) if module else transformers, cls)
 
 
 def identify(hub: dict) -> tuple[Family, bool]:
@@ -168,21 +263,22 @@ def identify(hub: dict) -> tuple[Family, bool]:
 
 def native_config(family: Family, hub: dict):
     """The native transformers config of a hub config.json dict (bidirectional attention)."""
-    import transformers
-
+    if family.unsupported:
+        raise AgrpoError(family.unsupported)
     for key, allowed in family.supported_values.items():
         if key in hub and hub[key] not in allowed:
             raise AgrpoError(
-                f"this {family.name} checkpoint has {key}={hub[key]!r}, which the {family.native_class} "
+                f"this {family.name} checkpoint has {key}={hub[key]!r}, which the {family.native_class.rsplit('.', 1)[-1]} "
                 f"mapping does not reproduce (supported: {', '.join(map(repr, allowed))})"
             )
     missing = [k for k in family.config_fields if k not in hub]
     if missing and not family.passthrough:  # the native class's defaults are not the family's
         raise AgrpoError(f"this {family.name} config.json lacks {', '.join(missing)}: is it a complete {family.name} checkpoint?")
-    kwargs = {k: v for k, v in hub.items() if k not in _FILE_KEYS and k not in family.config_fields} if family.passthrough else {}
+    skip = set(_FILE_KEYS) | set(family.config_fields) | set(family.dropped_fields)
+    kwargs = {k: v for k, v in hub.items() if k not in skip} if family.passthrough else {}
     kwargs.update({k: hub[k] for k in ID_FIELDS if k in hub})
     kwargs.update({native: hub[key] for key, native in family.config_fields.items() if hub.get(key) is not None})
-    cls = getattr(transformers, family.native_class).config_class
+    cls = native_model_class(family).config_class
     try:
         config = cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -215,8 +311,10 @@ def _ids(value) -> list[int]:
 
 
 def annotate(config, family: Family, tokenizer, *, hub: dict | None = None, source: str | None = None,
-             mask_token_id: int | None = None, shift_logits: bool | None = None) -> None:
-    """Record on `config` what the rest of the toolkit reads: family, shift, mask and EOS ids."""
+             mask_token_id: int | None = None, shift_logits: bool | None = None,
+             block_size: int | None = None) -> None:
+    """Record on `config` what the rest of the toolkit reads: family, shift, mask and EOS ids, and
+    the block size of a block-diffusion model (given > config > family default)."""
     config.is_causal = False
     if hub is not None or getattr(config, "agrpo_family", None) is None:
         config.agrpo_family = {"name": family.name, "hub_config": hub, "source": source}
@@ -229,6 +327,12 @@ def annotate(config, family: Family, tokenizer, *, hub: dict | None = None, sour
     elif getattr(config, "mask_token_id", None) is None:
         tokenizer_mask = getattr(tokenizer, "mask_token_id", None)
         config.mask_token_id = tokenizer_mask if tokenizer_mask is not None else family.default_mask_id
+    if block_size is not None or family.default_block_size:
+        size = block_size if block_size is not None else getattr(config, "block_size", None)
+        size = family.default_block_size if size is None else size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise AgrpoError(f"block_size must be a positive whole number of tokens, got {size!r}")
+        config.block_size = size
     eos = _ids(getattr(config, "eos_token_id", None)) + _ids(getattr(tokenizer, "eos_token_id", None))
     eos += [i for i in (_token_id(tokenizer, t) for t in family.end_of_turn) if i is not None]
     eos = list(dict.fromkeys(eos))
@@ -257,15 +361,15 @@ def hub_config(config, dtype: torch.dtype | None = None) -> dict:
     hub = dict(recorded.get("hub_config") or {})
     if family.native_class is None or not hub:
         raise AgrpoError(
-            "the hub layout is known only for LLaDA or Dream checkpoints loaded by agrpo without "
-            "trust_remote_code: save this model with save_pretrained"
+            "the hub layout is known only for LLaDA or Dream checkpoints (and SDAR, LLaDA2) loaded by agrpo "
+            "without trust_remote_code: save this model with save_pretrained"
         )
     for key, native in family.config_fields.items():
         value = _native_value(config, native)
         if value is not None or key in hub:
             hub[key] = value
-    if dtype is not None:
-        hub["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if dtype is not None:  # under the key the hub config uses (transformers >= 4.56 writes `dtype`)
+        hub["dtype" if "dtype" in hub and "torch_dtype" not in hub else "torch_dtype"] = str(dtype).removeprefix("torch.")
     return hub
 
 

@@ -47,9 +47,7 @@ class _KnownMapping(logging.Filter):
     config.json through the native config class); any other mismatch is still reported."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import transformers
-
-        from agrpo.families import FAMILIES
+        from agrpo.families import FAMILIES, native_model_class
 
         text = record.getMessage()
         found = re.match(r"You are using a model of type `([^`]*)` to instantiate a model of type `([^`]*)`", text)
@@ -58,7 +56,7 @@ class _KnownMapping(logging.Filter):
         source, target = found.group(1).lower(), found.group(2)
         for family in FAMILIES.values():
             if source in family.model_types and family.native_class:
-                return getattr(transformers, family.native_class).config_class.model_type != target
+                return native_model_class(family).config_class.model_type != target
         return True
 
 
@@ -359,7 +357,7 @@ def _load_model(source: str, opts: dict):
     import transformers
     from transformers import AutoConfig
 
-    from agrpo.families import identify, native_config
+    from agrpo.families import identify, native_config, native_model_class
 
     trust_remote_code = opts["trust_remote_code"]
     # transformers draws a "Loading weights" bar per load, which tears through the run's own bar
@@ -368,10 +366,12 @@ def _load_model(source: str, opts: dict):
     family, hub_layout = identify(hub)
     if not hub_layout or trust_remote_code:  # trust_remote_code: the hub's own classes, as asked
         hub = None
+    if hub is None and family.native_class and not trust_remote_code:
+        native_model_class(family)  # a class of ours registers itself with AutoConfig on import
     torch_dtype = _resolve_dtype(opts["dtype"], family)
-    if hub is not None:  # LLaDA / Dream: a transformers class, names renamed while the weights stream in
+    if hub is not None:  # a family's hub layout: its native class, names renamed while the weights stream in
         config = native_config(family, hub)
-        cls = getattr(transformers, family.native_class)
+        cls = native_model_class(family)
         kwargs = {"config": config, "dtype": torch_dtype, "key_mapping": dict(family.weight_names) or None}
     else:
         try:
@@ -434,13 +434,15 @@ def load_model_and_tokenizer(
     gradient_checkpointing: bool = False,
     mask_token_id: int | None = None,
     shift_logits: bool | None = None,
+    block_size: int | None = None,
 ):
     """(model, tokenizer) ready for `agrpo.Policy`; the config always has `mask_token_id`.
 
     LLaDA and Dream hub checkpoints load into Llama / Qwen2 classes of transformers with
-    attention over the whole sequence (`agrpo.families`); anything else loads through the
-    Auto classes, with `is_causal=False` forced. The config records `shift_logits` and
-    `eos_token_id` (the list of ids that end a row) for the recipes.
+    attention over the whole sequence, SDAR into Qwen3 and LLaDA2.0 into agrpo's own class,
+    both with block attention (`agrpo.families`); anything else loads through the Auto
+    classes, with `is_causal=False` forced. The config records `shift_logits`,
+    `eos_token_id` (the list of ids that end a row) and, for block models, `block_size`.
 
     Args:
         dtype: "auto" (bfloat16 for LLaDA / Dream on a GPU, else float32), "float32",
@@ -455,6 +457,8 @@ def load_model_and_tokenizer(
         attn_implementation: "sdpa", "eager" or "flash_attention_2" (needs flash-attn).
         gradient_checkpointing: recompute activations in the backward pass (memory for time).
         mask_token_id / shift_logits: override what the config, tokenizer or family say.
+        block_size: tokens per block of a block-diffusion model (SDAR, LLaDA2): overrides the
+            config's `block_size` and the family default (LLaDA2.0's generate uses 32).
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise AgrpoError(f"unknown dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
@@ -462,6 +466,7 @@ def load_model_and_tokenizer(
         "dtype": dtype, "trust_remote_code": trust_remote_code, "load_in_4bit": load_in_4bit, "device": device,
         "device_map": device_map, "attn_implementation": attn_implementation,
         "gradient_checkpointing": gradient_checkpointing, "mask_token_id": mask_token_id, "shift_logits": shift_logits,
+        "block_size": block_size,
     }
     name = str(name_or_path)
     if name.startswith(TINY_PREFIX):
@@ -511,7 +516,7 @@ def load_model_and_tokenizer(
     from agrpo.families import annotate
 
     annotate(model.config, family, tokenizer, hub=hub, source=source if hub is not None else None,
-             mask_token_id=mask_token_id, shift_logits=shift_logits)
+             mask_token_id=mask_token_id, shift_logits=shift_logits, block_size=block_size)
     _require_mask_token(model, name)
     if gradient_checkpointing:
         _enable_activation_checkpointing(model)

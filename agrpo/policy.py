@@ -9,6 +9,12 @@ requested positions and applies the head to those rows alone.
 `Policy` is an `nn.Module` so that accelerate can wrap it (DDP, FSDP, DeepSpeed):
 calling the wrapped module's forward keeps the gradient synchronisation hooks, which
 calling the HF submodules directly would bypass.
+
+Block-diffusion models (SDAR, LLaDA2.0: `config.block_size` set) attend block-causally: the
+wrapper builds that mask itself (`agrpo.blocks`), and `chunk_logits` runs one chunk of
+positions against a key/value cache of the earlier, finished blocks, which is what a block
+sampler needs: the prompt and each committed block are encoded once, and only the block
+being denoised is run at every step.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from agrpo import blocks
 from agrpo.errors import AgrpoError
 
 
@@ -88,6 +95,26 @@ def _accepted_kwargs(*modules: nn.Module) -> frozenset[str]:
     return frozenset(accepted)
 
 
+def _block_size(model: nn.Module) -> int | None:
+    """The block size a block-diffusion model's config records (None: whole-sequence attention)."""
+    size = getattr(getattr(_base_model(model), "config", None), "block_size", None)
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise AgrpoError(f"config.block_size must be a positive whole number of tokens, got {size!r}")
+    return size
+
+
+def _cache_keyword(module: nn.Module) -> str:
+    """The name under which a forward takes its key/value cache (`cache` since transformers 5.x's
+    rename, `past_key_values` before and in hub code)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _hidden_states(out) -> torch.Tensor | None:
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None and isinstance(out, (tuple, list)) and out:
@@ -116,6 +143,11 @@ class Policy(nn.Module):
             layout is unknown or the check fails (still exact, only slower).
         allow_causal: accept a model that transformers runs with causal attention (by
             default refused: a masked diffusion LM must see the whole sequence).
+
+    A model whose config has `block_size` (SDAR, LLaDA2.0 loaded by `agrpo.models`) runs under
+    block attention: every forward gets the block-causal 4D mask built from the padding mask
+    (`agrpo.blocks.block_attention_mask`: blocks counted from position 0 of the sequence,
+    positions from each row's first real token). Any other model runs exactly as before.
     """
 
     def __init__(
@@ -155,6 +187,8 @@ class Policy(nn.Module):
         self._backbone, self._head = self._find_backbone_and_head() if fast_head else (None, None)
         self._backbone_accepts = _accepted_kwargs(self._backbone) if self._backbone is not None else frozenset()
         self._checked = self._backbone is None
+        # block-diffusion models: tokens per block of their block-causal attention (None: whole sequence)
+        self.block_size = _block_size(model)
 
     # -- layout discovery -------------------------------------------------------
     def _find_backbone_and_head(self):
@@ -187,11 +221,51 @@ class Policy(nn.Module):
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return kwargs
 
-    def _full_logits(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, **self._kwargs(self._model_accepts, attention_mask)).logits
+    def _attention_form(self) -> tuple[str | None, torch.dtype]:
+        """(attention implementation, parameter dtype): how a 4D mask must be handed to the model.
+        The hub's own code (a `transformers_modules` class) reads bool masks."""
+        base = _base_model(self.model)
+        try:
+            weight = getattr(base.get_input_embeddings(), "weight", None)
+        except (AttributeError, NotImplementedError, TypeError):
+            weight = None
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        if type(base).__module__.startswith("transformers_modules"):
+            return None, dtype
+        return getattr(getattr(base, "config", None), "_attn_implementation", None), dtype
 
-    def _fast_logits(self, input_ids, attention_mask, positions):
-        out = self._backbone(input_ids=input_ids, **self._kwargs(self._backbone_accepts, attention_mask))
+    def _block_mask(self, attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        implementation, dtype = self._attention_form()
+        return blocks.for_attention(blocks.block_attention_mask(attention_mask, self.block_size, start), implementation, dtype)
+
+    def _forward_kwargs(self, accepted: frozenset[str], input_ids, attention_mask, position_ids=None) -> dict:
+        if attention_mask is not None and attention_mask.dim() == 4:  # a layout of the caller's own (bool, True = may attend)
+            if position_ids is None:
+                raise AgrpoError("a 4D attention mask needs its position_ids")
+            implementation, dtype = self._attention_form()
+            kwargs = {"use_cache": False} if "use_cache" in accepted else {}
+            kwargs["attention_mask"] = blocks.for_attention(attention_mask.bool(), implementation, dtype)
+            if "position_ids" in accepted:
+                kwargs["position_ids"] = position_ids
+            return kwargs
+        if self.block_size is None:
+            return self._kwargs(accepted, attention_mask)
+        # block attention: always a 4D mask (blocks from position 0, positions from the first real token)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs = {"use_cache": False} if "use_cache" in accepted else {}
+        kwargs["attention_mask"] = self._block_mask(attention_mask)
+        if "position_ids" in accepted:
+            kwargs["position_ids"] = blocks.position_ids(attention_mask)
+        return kwargs
+
+    def _full_logits(self, input_ids, attention_mask, position_ids=None):
+        kwargs = self._forward_kwargs(self._model_accepts, input_ids, attention_mask, position_ids)
+        return self.model(input_ids=input_ids, **kwargs).logits
+
+    def _fast_logits(self, input_ids, attention_mask, positions, position_ids=None):
+        kwargs = self._forward_kwargs(self._backbone_accepts, input_ids, attention_mask, position_ids)
+        out = self._backbone(input_ids=input_ids, **kwargs)
         hidden = _hidden_states(out)
         width = getattr(self._head, "in_features", None)
         if hidden is None or hidden.shape[:2] != input_ids.shape or (width is not None and hidden.shape[-1] != width):
@@ -210,20 +284,98 @@ class Policy(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits at `positions` ([B, P] absolute indices into the sequence) -> [B, P, V], at least float32."""
+        """Logits at `positions` ([B, P] absolute indices into the sequence) -> [B, P, V], at least float32.
+
+        `attention_mask` is the [B, L] padding mask, or a [B, 1, L, L] bool mask of a layout of the
+        caller's own (True = may attend; e.g. the block-diffusion training layout), given with its
+        `position_ids` [B, L]."""
         if self.shift_logits and bool((positions < 1).any()):
             raise AgrpoError("shift_logits models cannot score position 0: keep at least one prompt token")
         if not self._checked:
             # the last few positions suffice to compare the two paths; the whole sequence would
             # hold three [L, V] float32 copies at once (~200 MB at L = 96, V = 126k)
             tail = slice(-_CHECK_LEN, None)
-            self._check_fast_path(
-                input_ids[:1, tail], attention_mask[:1, tail] if attention_mask is not None else None
-            )
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            self._check_fast_path(input_ids[:1, tail], padding[:1, tail] if padding is not None else None)
         if self._backbone is None:
-            return _upcast(self._gather_rows(self._full_logits(input_ids, attention_mask), positions))
-        return _upcast(self._fast_logits(input_ids, attention_mask, positions))
+            return _upcast(self._gather_rows(self._full_logits(input_ids, attention_mask, position_ids), positions))
+        return _upcast(self._fast_logits(input_ids, attention_mask, positions, position_ids))
+
+    def chunk_logits(
+        self,
+        chunk_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache,
+        *,
+        store: bool = False,
+    ) -> torch.Tensor:
+        """Logits of a chunk of positions that follows the positions held in `cache`.
+
+        Under block attention a position never sees a later block, so the keys and values of
+        the prompt and of committed blocks stay valid while later blocks are written. A block
+        sampler encodes them once (`store=True`), then denoises the current block by calling
+        this with the block alone (`store=False`: the cache is left as it was), and stores the
+        block once it is committed. The result equals `forward` on the whole sequence at the
+        chunk's positions (up to rounding).
+
+        Args:
+            chunk_ids: [B, C] tokens at sequence positions S .. S + C - 1, where S is the number
+                of positions in `cache`.
+            attention_mask: [B, S + C] padding mask of the whole sequence so far (the cached
+                positions, then the chunk), or None for no padding.
+            cache: a `transformers.DynamicCache` with the keys/values of positions 0 .. S - 1
+                (a new, empty one for the first chunk). It must end where a block ends (S a
+                multiple of the block size, or only padding before S in S's block), or the cached
+                states would lack the chunk's tokens of their own block.
+            store: append the chunk's keys/values to `cache`.
+
+        Returns:
+            [B, C, V] logits (at least float32); position i scores the token at i.
+        """
+        if self.block_size is None:
+            raise AgrpoError(
+                "chunk_logits needs a block-diffusion model (config.block_size set, e.g. SDAR or LLaDA2): "
+                "a model attending over the whole sequence cannot reuse the states of earlier positions"
+            )
+        if self.shift_logits:
+            raise AgrpoError("chunk_logits scores each position from its own state: shift_logits models are not supported")
+        cached = cache.get_seq_length()
+        bsz, length = chunk_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(bsz, cached + length, dtype=torch.long, device=chunk_ids.device)
+        if tuple(attention_mask.shape) != (bsz, cached + length):
+            raise AgrpoError(
+                f"attention_mask must cover the {cached} cached positions and the {length} of the chunk: expected "
+                f"shape {(bsz, cached + length)}, got {tuple(attention_mask.shape)}"
+            )
+        if not bool(blocks.cache_ends_on_blocks(attention_mask, self.block_size, cached).all()):
+            raise AgrpoError(
+                f"the cache ({cached} positions) ends inside a block of {self.block_size} tokens: cache whole blocks "
+                "only, counted from position 0 of the sequence"
+            )
+        if not self._checked:
+            tail = slice(-_CHECK_LEN, None)
+            self._check_fast_path(chunk_ids[:1, tail], attention_mask[:1, cached:][:, tail])
+        module = self._backbone if self._backbone is not None else self.model
+        accepted = self._backbone_accepts if self._backbone is not None else self._model_accepts
+        kwargs = {"attention_mask": self._block_mask(attention_mask, start=cached), _cache_keyword(_base_model(module)): cache}
+        if "use_cache" in accepted:
+            kwargs["use_cache"] = True
+        if "position_ids" in accepted:
+            kwargs["position_ids"] = blocks.position_ids(attention_mask)[:, cached:]
+        out = module(input_ids=chunk_ids, **kwargs)
+        if cache.get_seq_length() != cached + length:
+            raise AgrpoError(
+                "the model did not extend the key/value cache (activation checkpointing drops it in training mode): "
+                "run chunk_logits under torch.no_grad() or with the model in eval mode"
+            )
+        if not store:
+            cache.crop(-length)  # forget the chunk: the cache holds positions 0 .. S - 1 again
+        if self._backbone is None:
+            return _upcast(out.logits)
+        return _upcast(self._head(_hidden_states(out)))
 
     @torch.no_grad()
     def _check_fast_path(self, input_ids, attention_mask):

@@ -44,6 +44,17 @@ class SamplingConfig:
         default="random", metadata={"help": "which masked positions of the block are committed each step"}
     )
     stop_at_eos: bool = field(default=True, metadata={"help": "stop a row once a whole block is EOS; fill the rest with EOS"})
+    threshold: float = field(
+        default=0.0,
+        metadata={"help": "confidence-threshold (dynamic) decoding: a step commits every masked position of the block whose "
+                  "drawn token has probability >= threshold, at least gen_length/steps of them (the remasking rule's first); "
+                  "steps is then the most a block takes; 0 = off"},
+    )
+    cache: Literal["auto", "none", "prefix"] = field(
+        default="auto",
+        metadata={"help": "KV cache of the prompt and finished blocks: prefix (exact for block-diffusion models: each step "
+                  "runs the current block alone), none (every step runs the whole sequence); auto: prefix where exact"},
+    )
 
     def validate(self) -> None:
         c, bl, t = self.gen_length, self.block_length, self.steps
@@ -67,6 +78,13 @@ class SamplingConfig:
             raise AgrpoError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.remasking not in REMASKING:
             raise AgrpoError(f"unknown remasking {self.remasking!r}: choose one of {', '.join(REMASKING)}")
+        if not (0 <= self.threshold <= 1):
+            raise AgrpoError(f"threshold must be in [0, 1] (0 = off), got {self.threshold}")
+        if self.threshold and self.remasking == "random":
+            raise AgrpoError("threshold decoding commits by the model's confidence: use remasking=low_confidence "
+                             "(or entropy, margin), not random")
+        if self.cache not in ("auto", "none", "prefix"):
+            raise AgrpoError(f"unknown cache {self.cache!r}: choose one of auto, none, prefix")
 
     @property
     def tokens_per_step(self) -> int:
@@ -306,6 +324,62 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     return torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
 
 
+def _committed(score: torch.Tensor, lp: torch.Tensor, masked: torch.Tensor | None, kps: int, threshold: float) -> torch.Tensor:
+    """[A, n] bool: the candidates a step commits. Without a threshold, the `kps` the remasking rule ranks
+    first. With one, every masked candidate whose drawn token has probability >= threshold, or the
+    `kps` first by the rule when fewer pass (never more than are masked)."""
+    if not threshold:
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(kps, dim=-1).indices, True)
+    score = score.masked_fill(~masked, float("-inf"))
+    rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = ranked first
+    above = masked & (lp.exp() >= threshold)
+    n = torch.minimum(above.sum(1).clamp(min=kps), masked.sum(1))
+    return masked & (rank < n[:, None])
+
+
+def _align_to_blocks(core, prompt_ids, prompt_mask, cfg: SamplingConfig, block_size: int):
+    """Left-pad the prompts to a whole number of blocks (blocks count from position 0, as the model's own
+    inference counts them), after checking that the sampler's blocks are the model's."""
+    if cfg.block_length != block_size:
+        raise AgrpoError(
+            f"this model generates in blocks of {block_size} tokens (its block_size): set "
+            f"block_length={block_size} (and gen_length a multiple of it)"
+        )
+    pad = -prompt_ids.shape[1] % block_size
+    if not pad:
+        return prompt_ids, prompt_mask
+    pad_id = core.pad_id if core.pad_id is not None else core.mask_id
+    return (torch.cat([prompt_ids.new_full((prompt_ids.shape[0], pad), pad_id), prompt_ids], dim=1),
+            torch.cat([prompt_mask.new_zeros((prompt_mask.shape[0], pad)), prompt_mask], dim=1))
+
+
+class _FullSequence:
+    """Every step runs the whole sequence (no cache): logits at the requested positions."""
+
+    def __init__(self, policy, core):
+        self.policy, self.core = policy, core
+
+    def begin_block(self, x, attn, rows, start, blen) -> None:
+        pass
+
+    def logits(self, xa, aa, positions):
+        return self.core(xa, positions, aa) if self.policy is self.core else self.policy(xa, positions, aa)
+
+    def end_block(self, x, attn, rows, start, blen) -> None:
+        pass
+
+
+def _scorer(policy, core, cfg: SamplingConfig, block_size):
+    if cfg.cache == "none" or (cfg.cache == "auto" and not block_size):
+        return _FullSequence(policy, core)
+    if not block_size:
+        raise AgrpoError(
+            "sampling.cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
+            "positions attend to later ones): use cache=none or auto"
+        )
+    return BlockCache(core)
+
+
 @torch.no_grad()
 def generate(
     policy: nn.Module,
@@ -314,20 +388,29 @@ def generate(
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample completions for a batch of left-padded prompts ([B, P]) -> Rollout."""
+    """Sample completions for a batch of left-padded prompts ([B, P]) -> Rollout.
+
+    On a block-diffusion model (one whose policy has a `block_size`) the prompt is left-padded
+    further to a whole number of blocks, so every row's completion starts on a block boundary, and
+    `block_length` must be the model's block size; with the cache on, the prompt and each finished
+    block are encoded once and every step runs the current block alone (`BlockCache`)."""
     cfg.validate()
     core = unwrap(policy)
     mask_id, eos_id, eos_ids = core.mask_id, core.eos_id, core.eos_ids
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise AgrpoError(f"prompt_ids must be [batch, prompt_len] with prompt_len >= 1, got {tuple(prompt_ids.shape)}")
     device = prompt_ids.device
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    block_size = getattr(core, "block_size", None)
+    if block_size:
+        prompt_ids, prompt_mask = _align_to_blocks(core, prompt_ids, prompt_mask, cfg, block_size)
     bsz, plen = prompt_ids.shape
     gen, blen = cfg.gen_length, cfg.block_length
     spb, kps = cfg.steps_per_block, cfg.tokens_per_step
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids)
     x = torch.cat([prompt_ids, prompt_ids.new_full((bsz, gen), mask_id)], dim=1)
     attn = torch.cat([prompt_mask.long(), prompt_mask.new_ones((bsz, gen)).long()], dim=1)
+    scorer = _scorer(policy, core, cfg, block_size)
 
     step = torch.full((bsz, gen), -1, dtype=torch.long, device=device)
     logp = torch.zeros(bsz, gen, device=device)
@@ -335,6 +418,7 @@ def generate(
     sampled = torch.zeros(bsz, gen, dtype=torch.bool, device=device)
     filt = None  # [B, C, W] int32, widened on demand
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    taken = torch.zeros(bsz, dtype=torch.long, device=device)  # denoising steps each row has taken
     stop = cfg.stop_at_eos and eos_id is not None
 
     for block in range(gen // blen):
@@ -343,49 +427,55 @@ def generate(
             ended = ~done & _is_eos(x[:, start - blen : start], eos_ids).all(1)
             if bool(ended.any()):
                 x[ended, start:] = eos_id
-                step[ended, block * blen :] = block * spb
+                step[ended, block * blen :] = taken[ended, None]
                 done |= ended
         rows = (~done).nonzero().squeeze(1)
         if rows.numel() == 0:
             break
+        scorer.begin_block(x, attn, rows, start, blen)
         for s in range(spb):
-            t = block * spb + s
             xa, aa = x[rows], attn[rows]
-            masked = xa[:, start : start + blen] == mask_id  # [A, BL], BL - s*kps per row
+            masked = xa[:, start : start + blen] == mask_id  # [A, BL], BL - s*kps per row without a threshold
+            if not bool(masked.any()):  # threshold decoding finished the block early on every row
+                break
             n_rows = rows.numel()
             if cfg.remasking == "random":
                 # positions chosen without the model: only they need logits
                 noise = torch.rand(masked.shape, generator=generator, device=device)
                 pick = noise.masked_fill(~masked, -1.0).topk(kps, dim=-1).indices.sort(-1).values
                 cand = pick
+            elif cfg.threshold:  # rows may have different numbers of masked positions left: score the block
+                cand = torch.arange(blen, device=device).expand(n_rows, blen)
             else:
                 cand = masked.nonzero()[:, 1].view(n_rows, -1)
-            logits = core(xa, start + cand, aa) if policy is core else policy(xa, start + cand, aa)
+            logits = scorer.logits(xa, aa, start + cand)
             n_cand = cand.shape[1]
             tok, lp, ent, margin, frec = _sample_rows(logits.reshape(n_rows * n_cand, -1), cfg, mask_id, generator)
             tok, lp, ent, margin = (v.view(n_rows, n_cand) for v in (tok, lp, ent, margin))
             if cfg.remasking == "random":
-                chosen = torch.arange(n_cand, device=device).expand(n_rows, n_cand)
+                commit = torch.ones(n_rows, n_cand, dtype=torch.bool, device=device)
             else:
                 score = {"low_confidence": lp, "entropy": -ent, "margin": margin}[cfg.remasking]
-                chosen = score.topk(kps, dim=-1).indices
-            pos = cand.gather(1, chosen)  # [A, kps] block-relative
+                commit = _committed(score, lp, masked if cfg.threshold else None, kps, cfg.threshold)
+            r, j = commit.nonzero(as_tuple=True)  # row (of `rows`) and candidate index of every commit
+            pos = cand[r, j]  # block-relative
             col = block * blen + pos
-            r = rows[:, None].expand_as(col)
-            x[r, plen + col] = tok.gather(1, chosen)
-            step[r, col] = t
-            logp[r, col] = lp.gather(1, chosen).to(logp.dtype)
-            entropy[r, col] = ent.gather(1, chosen).to(entropy.dtype)
-            sampled[r, col] = True
+            rr = rows[r]
+            x[rr, plen + col] = tok[r, j]
+            step[rr, col] = taken[rr]
+            logp[rr, col] = lp[r, j].to(logp.dtype)
+            entropy[rr, col] = ent[r, j].to(entropy.dtype)
+            sampled[rr, col] = True
+            taken[rows] += commit.any(1).long()
             if frec is not None:
-                frec = frec.view(n_rows, n_cand, -1)
-                frec = frec.gather(1, chosen[:, :, None].expand(-1, -1, frec.shape[-1]))
+                frec = frec.view(n_rows, n_cand, -1)[r, j]  # [N, W]
                 if filt is None:
                     filt = torch.full((bsz, gen, frec.shape[-1]), -1, dtype=torch.int32, device=device)
                 elif frec.shape[-1] > filt.shape[-1]:
                     pad = filt.new_full((bsz, gen, frec.shape[-1] - filt.shape[-1]), -1)
                     filt = torch.cat([filt, pad], dim=-1)
-                filt[r, col, : frec.shape[-1]] = frec
+                filt[rr, col, : frec.shape[-1]] = frec
+        scorer.end_block(x, attn, rows, start, blen)
 
     real = sampled & ~_is_eos(x[:, plen:], eos_ids)
     t_eff = torch.where(real, step + 1, torch.zeros_like(step)).max(1).values
@@ -408,3 +498,35 @@ def generate(
         eos_id=eos_id,
         eos_ids=eos_ids,
     )
+
+
+class BlockCache:
+    """The prompt and every finished block encoded once into a key/value cache; each step of a block
+    runs that block alone against it (`Policy.chunk_logits`). Exact for block-diffusion models: a
+    position never attends to a later block, so the cached keys and values never change."""
+
+    def __init__(self, core):
+        from transformers import DynamicCache
+
+        self.core, self.cache, self.rows, self._new = core, None, None, DynamicCache
+
+    def begin_block(self, x, attn, rows, start, blen) -> None:
+        if self.cache is None:  # the prompt: positions 0 .. start - 1, all rows
+            self.cache, self.rows = self._new(), rows
+            self.core.chunk_logits(x[rows, :start], attn[rows, :start], self.cache, store=True)
+        elif rows.numel() != self.rows.numel():  # rows that stopped leave the cache with the batch
+            keep = torch.isin(self.rows, rows).nonzero().squeeze(1)
+            self.cache.batch_select_indices(keep)
+            self.rows = rows
+        self.start, self.blen = start, blen
+
+    def logits(self, xa, aa, positions):
+        start, blen = self.start, self.blen
+        block = self.core.chunk_logits(xa[:, start : start + blen], aa[:, : start + blen], self.cache, store=False)
+        offsets = positions - start
+        return block.gather(1, offsets[:, :, None].expand(-1, -1, block.shape[-1]))
+
+    def end_block(self, x, attn, rows, start, blen) -> None:
+        if start + blen >= x.shape[1]:  # the last block: nothing follows it
+            return
+        self.core.chunk_logits(x[rows, start : start + blen], attn[rows, : start + blen], self.cache, store=True)

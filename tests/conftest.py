@@ -1,6 +1,7 @@
 """Tiny bidirectional Llama models shared by the policy, sampling and objective tests."""
 
 import sys
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +32,24 @@ def tiny_model(seed: int = 0, double: bool = True, vocab: int = VOCAB, logit_sca
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
     model = model.double() if double else model.float()
+    if double:
+        exact_norms(model)
     return model.eval()
+
+
+def _rms_norm_in_own_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def exact_norms(model):
+    """transformers' RMSNorm computes in float32 whatever the model's dtype, and its backward rounds the
+    gradient through it to float32 (~1e-8 relative below the last layer): a float64 reference model gets
+    norms that stay in float64, so that two ways of computing one gradient agree to float64 round-off."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_in_own_dtype, module)
+    return model
 
 
 def tiny_policy(seed: int = 0, double: bool = True, **kw) -> Policy:

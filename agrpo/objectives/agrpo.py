@@ -262,6 +262,13 @@ def loss_chunks(
     backward) inside a context such as `accelerator.no_sync`.
     """
     advantages = advantages.to(rollout.logp.device, torch.float32)
+    if getattr(plan, "pack_row", None) is not None:  # a block model's plan: a step of every block a forward
+        from agrpo.objectives.block_replay import pack_chunks, packed_chunk_loss
+
+        for idx, first, last in pack_chunks(plan, max_rows_per_forward):
+            yield packed_chunk_loss(policy, rollout, plan, idx, first, last, advantages, eps_low, eps_high, beta,
+                                    ref_logits_fn)
+        return
     n = plan.row.numel()
     chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
     for start in range(0, n, chunk):
@@ -344,6 +351,12 @@ def agrpo_loss(
     return total, metrics
 
 
+def _block_step_plan(*args):
+    from agrpo.objectives.block_replay import block_step_plan
+
+    return block_step_plan(*args)
+
+
 @dataclass
 class AGRPOKeys:
     """AGRPO's settings, top-level keys of the run's config (every preset has them)."""
@@ -379,9 +392,11 @@ class AGRPO(Objective):
     def update(self, ctx: Context, parts: list[Part], inner: int) -> dict:
         """Back-propagate the AGRPO loss of every micro-batch with one gradient sync -> global metrics."""
         cfg, accelerator, policy = ctx.cfg, ctx.accelerator, ctx.policy
+        # a block-diffusion model: K steps in every block, one forward scoring a step of each block
+        draw = plan_steps if unwrap(policy).block_size is None else _block_step_plan
         plans = [
-            plan_steps(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid,
-                       p.generator, cfg.eos_steps)
+            draw(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid,
+                 p.generator, cfg.eos_steps)
             for p in parts
         ]
         chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
