@@ -211,7 +211,7 @@ def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torc
     return x
 
 
-def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn):
+def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp=0.0):
     row, t = plan.row[idx], plan.t[idx]
     pos, valid = plan.positions[idx], plan.valid[idx]
     x = rebuild_states(rollout, row, t)
@@ -227,7 +227,7 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
     logp, _ = token_log_prob(logits, tokens, temperature, filt, rollout.mask_id)
     old = rollout.logp[row].gather(1, pos)
     adv = advantages[row][:, None]
-    per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high)
+    per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high, log_ratio_clamp)
     kl = torch.zeros_like(per_tok)
     if beta > 0:
         with torch.no_grad():
@@ -255,6 +255,7 @@ def loss_chunks(
     eps_high: float = 0.2,
     beta: float = 0.0,
     ref_logits_fn: Callable | None = None,
+    log_ratio_clamp: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, dict]]:
     """(loss, stats) of each batch of at most `max_rows_per_forward` draws, in order; `plan.chunks` of them.
 
@@ -267,13 +268,13 @@ def loss_chunks(
 
         for idx, first, last in pack_chunks(plan, max_rows_per_forward):
             yield packed_chunk_loss(policy, rollout, plan, idx, first, last, advantages, eps_low, eps_high, beta,
-                                    ref_logits_fn)
+                                    ref_logits_fn, log_ratio_clamp)
         return
     n = plan.row.numel()
     chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
     for start in range(0, n, chunk):
         idx = torch.arange(start, min(n, start + chunk), device=plan.row.device)
-        yield _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn)
+        yield _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp)
 
 
 def agrpo_loss(
@@ -296,6 +297,7 @@ def agrpo_loss(
     plan: StepPlan | None = None,
     eos_steps: Literal["include", "exclude"] = "include",
     chunk_context: Callable[[], AbstractContextManager] | None = None,
+    log_ratio_clamp: float = 0.0,
 ) -> tuple[torch.Tensor, dict]:
     """AGRPO loss of a batch of rollouts -> (loss, metrics).
 
@@ -323,7 +325,8 @@ def agrpo_loss(
     n = plan.row.numel()
     total = None
     agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0}
-    chunks = loss_chunks(policy, rollout, plan, advantages, max_rows_per_forward, eps_low, eps_high, beta, ref_logits_fn)
+    chunks = loss_chunks(policy, rollout, plan, advantages, max_rows_per_forward, eps_low, eps_high, beta, ref_logits_fn,
+                         log_ratio_clamp)
     for _ in range(plan.chunks(max_rows_per_forward)):
         with chunk_context() if chunk_context is not None else contextlib.nullcontext():
             loss, stats = next(chunks)
@@ -391,29 +394,37 @@ class AGRPO(Objective):
 
     def update(self, ctx: Context, parts: list[Part], inner: int) -> dict:
         """Back-propagate the AGRPO loss of every micro-batch with one gradient sync -> global metrics."""
-        cfg, accelerator, policy = ctx.cfg, ctx.accelerator, ctx.policy
+        cfg = ctx.cfg
         # a block-diffusion model: K steps in every block, one forward scoring a step of each block
-        draw = plan_steps if unwrap(policy).block_size is None else _block_step_plan
+        draw = plan_steps if unwrap(ctx.policy).block_size is None else _block_step_plan
         plans = [
             draw(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid,
                  p.generator, cfg.eos_steps)
             for p in parts
         ]
-        chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
-        total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
-        count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
-        sync = OneSync(accelerator, policy, count)
-        pieces = [(p, plan.normalized(total, accelerator.num_processes), True)
-                  for p, plan, n in zip(parts, plans, chunks) if n]
-        pieces += [(parts[-1], padding_plan(parts[-1].rollout), False)] * (count - sum(chunks))
-        sums = new_sums()
-        for part, plan, real in pieces:
-            _, m = agrpo_loss(
-                policy, part.rollout, part.advantages, plan=plan,
-                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ctx.ref_logits_fn,
-                max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
-            )
-            if real:  # a padding piece's tokens weigh nothing in the loss and count in no metric
-                add_piece(sums, m)
-        sync.check()
-        return global_metrics(accelerator, sums)
+        return replay_update(ctx, parts, plans)
+
+
+def replay_update(ctx: Context, parts: list[Part], plans: list[StepPlan], log_ratio_clamp: float = 0.0) -> dict:
+    """Back-propagate the replayed-trajectory loss of each part's plan (its draws normalised over the whole
+    batch of every process) with one gradient sync -> the step's global metrics."""
+    cfg, accelerator, policy = ctx.cfg, ctx.accelerator, ctx.policy
+    chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
+    total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
+    count = max(count, 1)  # nothing to learn anywhere: one zero backward still steps every backend alike
+    sync = OneSync(accelerator, policy, count)
+    pieces = [(p, plan.normalized(total, accelerator.num_processes), True)
+              for p, plan, n in zip(parts, plans, chunks) if n]
+    pieces += [(parts[-1], padding_plan(parts[-1].rollout), False)] * (count - sum(chunks))
+    sums = new_sums()
+    for part, plan, real in pieces:
+        _, m = agrpo_loss(
+            policy, part.rollout, part.advantages, plan=plan,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ctx.ref_logits_fn,
+            max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
+            log_ratio_clamp=log_ratio_clamp,
+        )
+        if real:  # a padding piece's tokens weigh nothing in the loss and count in no metric
+            add_piece(sums, m)
+    sync.check()
+    return global_metrics(accelerator, sums)

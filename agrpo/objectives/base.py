@@ -66,6 +66,7 @@ class Objective:
     settings: ClassVar[type | None] = None  # a dataclass whose fields carry help texts
     top_level: ClassVar[type | None] = None  # a dataclass of settings kept as top-level config keys
     summary: ClassVar[str] = ""  # one line for `agrpo config train` and the README's table
+    block_models_only: ClassVar[bool] = False  # replays block by block: needs a block-diffusion model
 
     def needs_reference(self, cfg) -> bool:
         """Whether the run keeps a reference model (the base, or the adapter switched off)."""

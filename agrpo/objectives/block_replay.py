@@ -180,17 +180,28 @@ def packed_layout(rollout: Rollout, row: torch.Tensor, t_blocks: torch.Tensor):
     -> (input ids [N, P+2C], position ids [N, P+2C], attention [N, 1, P+2C, P+2C] bool, True = may attend)."""
     p, gen = rollout.prompt_len, rollout.completion.shape[1]
     bl = rollout.config.block_length
-    if p % bl:
-        raise AgrpoError(f"the prompt part ({p} positions) is not a whole number of blocks of {bl}: "
-                         "block-model rollouts come from agrpo.sampling.generate, which aligns it")
-    device = rollout.tokens.device
-    attn = rollout.attention_mask[row]
-    clean = rollout.tokens[row]
-    blk = torch.arange(gen, device=device) // bl
+    blk = torch.arange(gen, device=rollout.tokens.device) // bl
     shown = t_blocks.gather(1, blk.expand(row.numel(), gen))
-    noisy = clean[:, p:].masked_fill(rollout.step[row] >= shown, rollout.mask_id)
-    ids = torch.cat([clean, noisy], 1)
-    pos_clean = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    noisy = rollout.tokens[row, p:].masked_fill(rollout.step[row] >= shown, rollout.mask_id)
+    return block_diffusion_layout(rollout.tokens[row], rollout.attention_mask[row], p, bl, noisy)
+
+
+def block_diffusion_layout(tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, block_length: int,
+                           noisy: torch.Tensor):
+    """The block-diffusion training layout: the clean sequence `tokens` [N, P+C] (left-padded prompt,
+    P a whole number of blocks; `attention_mask` 0 on the padding) followed by `noisy` [N, C], a noisy
+    copy of the completion -> (input ids [N, P+2C], position ids [N, P+2C], attention [N, 1, P+2C, P+2C]
+    bool, True = may attend). The logits at P + C + j are those of completion position j in the state
+    where its block is as in `noisy` and every earlier block is clean (what the model's own inference sees)."""
+    p, bl = prompt_len, block_length
+    gen = tokens.shape[1] - p
+    if p % bl or gen % bl:
+        raise AgrpoError(f"the prompt part ({p} positions) and the completion ({gen}) must be whole blocks of {bl}: "
+                         "block-model rollouts come from agrpo.sampling.generate, which aligns them")
+    device = tokens.device
+    n = tokens.shape[0]
+    ids = torch.cat([tokens, noisy], 1)
+    pos_clean = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     positions = torch.cat([pos_clean, pos_clean[:, p:]], 1)
     length = p + 2 * gen
     index = torch.arange(length, device=device)
@@ -201,7 +212,7 @@ def packed_layout(rollout: Rollout, row: torch.Tensor, t_blocks: torch.Tensor):
         torch.where(is_noisy[None, :], qb[None, :] == qb[:, None], qb[None, :] < qb[:, None]),
         ~is_noisy[None, :] & (qb[None, :] <= qb[:, None]),
     )
-    real = torch.cat([attn.bool(), torch.ones(row.numel(), gen, dtype=torch.bool, device=device)], 1)
+    real = torch.cat([attention_mask.bool(), torch.ones(n, gen, dtype=torch.bool, device=device)], 1)
     visible = allowed[None] & real[:, None, :]
     itself = torch.eye(length, dtype=torch.bool, device=device)[None]
     return ids, positions, torch.where(real[:, :, None], visible, itself)[:, None]
@@ -243,7 +254,7 @@ def packed_inputs(rollout: Rollout, plan: BlockPlan, idx: torch.Tensor, first: i
 
 
 def packed_chunk_loss(policy, rollout: Rollout, plan: BlockPlan, idx, first: int, last: int, advantages,
-                      eps_low: float, eps_high: float, beta: float, ref_logits_fn):
+                      eps_low: float, eps_high: float, beta: float, ref_logits_fn, log_ratio_clamp: float = 0.0):
     """(loss, stats) of the draws of packs first..last-1, one forward: AGRPO's clipped surrogate (and k3
     KL) on every token a drawn step committed, each draw's tokens times its coefficient."""
     ids, position_ids, attention, scored, pos, valid, coef, rows = packed_inputs(rollout, plan, idx, first, last)
@@ -257,7 +268,7 @@ def packed_chunk_loss(policy, rollout: Rollout, plan: BlockPlan, idx, first: int
     logp, _ = token_log_prob(logits, tokens, temperature, filt, rollout.mask_id)
     old = rollout.logp[rows].gather(1, pos)
     adv = advantages[rows][:, None]
-    per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high)
+    per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high, log_ratio_clamp)
     kl = torch.zeros_like(per_tok)
     if beta > 0:
         with torch.no_grad():

@@ -28,10 +28,13 @@ def horizon(rollout: Rollout, eos_steps: str = "include") -> torch.Tensor:
 
 
 def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
+    log_ratio_clamp: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(-min(rho A, clip(rho) A), rho, clipped) per token; all tensors broadcast together."""
-    ratio = torch.exp(logp - old_logp)
+    """(-min(rho A, clip(rho) A), rho, clipped) per token; all tensors broadcast together.
+    `log_ratio_clamp` = c > 0: rho = exp(clamp(logp - old, -c, c)) (the block-model trainers' guard)."""
+    d = logp - old_logp
+    ratio = torch.exp(d.clamp(-log_ratio_clamp, log_ratio_clamp) if log_ratio_clamp > 0 else d)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
