@@ -337,6 +337,23 @@ def _committed(score: torch.Tensor, lp: torch.Tensor, masked: torch.Tensor | Non
     return masked & (rank < n[:, None])
 
 
+def check_block_sampling(policy, *configs: tuple[str, SamplingConfig]) -> None:
+    """Refuse, in one line and before any work, sampler settings a block-diffusion model cannot run:
+    `configs` are (config key, SamplingConfig) pairs such as ("sampling", cfg.sampling)."""
+    block_size = getattr(unwrap(policy), "block_size", None)
+    for key, cfg in configs:
+        if block_size and cfg.block_length != block_size:
+            raise AgrpoError(
+                f"this model generates in blocks of {block_size} tokens (its block_size): set "
+                f"{key}.block_length={block_size} (and {key}.gen_length a multiple of it)"
+            )
+        if not block_size and cfg.cache == "prefix":
+            raise AgrpoError(
+                f"{key}.cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
+                "positions attend to later ones): use cache=none or auto"
+            )
+
+
 def _align_to_blocks(core, prompt_ids, prompt_mask, cfg: SamplingConfig, block_size: int):
     """Left-pad the prompts to a whole number of blocks (blocks count from position 0, as the model's own
     inference counts them), after checking that the sampler's blocks are the model's."""
@@ -503,7 +520,8 @@ def generate(
 class BlockCache:
     """The prompt and every finished block encoded once into a key/value cache; each step of a block
     runs that block alone against it (`Policy.chunk_logits`). Exact for block-diffusion models: a
-    position never attends to a later block, so the cached keys and values never change."""
+    position never attends to a later block, so the cached keys and values never change. The LM head
+    runs only on the positions a step scores, never when the prompt or a finished block is stored."""
 
     def __init__(self, core):
         from transformers import DynamicCache
@@ -513,7 +531,8 @@ class BlockCache:
     def begin_block(self, x, attn, rows, start, blen) -> None:
         if self.cache is None:  # the prompt: positions 0 .. start - 1, all rows
             self.cache, self.rows = self._new(), rows
-            self.core.chunk_logits(x[rows, :start], attn[rows, :start], self.cache, store=True)
+            self.core.chunk_logits(x[rows, :start], attn[rows, :start], self.cache, store=True,
+                                   positions=rows.new_empty(rows.numel(), 0))
         elif rows.numel() != self.rows.numel():  # rows that stopped leave the cache with the batch
             keep = torch.isin(self.rows, rows).nonzero().squeeze(1)
             self.cache.batch_select_indices(keep)
@@ -522,11 +541,11 @@ class BlockCache:
 
     def logits(self, xa, aa, positions):
         start, blen = self.start, self.blen
-        block = self.core.chunk_logits(xa[:, start : start + blen], aa[:, : start + blen], self.cache, store=False)
-        offsets = positions - start
-        return block.gather(1, offsets[:, :, None].expand(-1, -1, block.shape[-1]))
+        return self.core.chunk_logits(xa[:, start : start + blen], aa[:, : start + blen], self.cache, store=False,
+                                      positions=positions - start)
 
     def end_block(self, x, attn, rows, start, blen) -> None:
         if start + blen >= x.shape[1]:  # the last block: nothing follows it
             return
-        self.core.chunk_logits(x[rows, start : start + blen], attn[rows, : start + blen], self.cache, store=True)
+        self.core.chunk_logits(x[rows, start : start + blen], attn[rows, : start + blen], self.cache, store=True,
+                               positions=rows.new_empty(rows.numel(), 0))

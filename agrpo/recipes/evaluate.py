@@ -45,7 +45,7 @@ from agrpo.fileio import write_atomic
 from agrpo.models import TINY_DIR, TINY_PREFIX, load_model_and_tokenizer, shift_logits_of
 from agrpo.policy import Policy
 from agrpo.runlog import append_jsonl, plot_sweep, read_jsonl
-from agrpo.sampling import SamplingConfig, paper_eval_sampling
+from agrpo.sampling import SamplingConfig, check_block_sampling, paper_eval_sampling
 from agrpo.tasks import DEFAULT_TASK, check_model_fits, check_task_matches, get_task
 
 RESULTS, GENERATIONS, PLOT = "results.json", "generations.jsonl", "accuracy_vs_steps.png"
@@ -76,6 +76,11 @@ class EvalConfig:
     )
     mask_token_id: int | None = field(
         default=None, metadata={"help": "the [MASK] id, for a model whose config and tokenizer name none (unset: theirs)"}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "a block-diffusion model's block size, for a checkpoint whose config does not record it "
+                  "(unset: the config's, else the family's: SDAR 4, LLaDA2 32)"},
     )
     chat_template: bool | None = field(default=None, metadata={"help": "wrap prompts in the tokenizer's chat template (false: plain text, as for a base model); unset: when the tokenizer has one"})
     out: str = field(default="", metadata={"help": "output directory; empty: <run dir>/eval for a run's model, else evals/<model name>"})
@@ -183,7 +188,7 @@ def model_version(model: str) -> str:
 def _setting_record(s: SamplingConfig, cfg: EvalConfig) -> dict:
     """What determines a generation besides the model and the row: the key of resumed work."""
     return {**asdict(s), "seed": cfg.seed, "chat_template": cfg.chat_template, "shift_logits": cfg.shift_logits,
-            "mask_token_id": cfg.mask_token_id}
+            "mask_token_id": cfg.mask_token_id, "block_size": cfg.block_size}
 
 
 def _batch_seed(seed: int, model: str, setting: dict, start: int) -> int:
@@ -272,9 +277,11 @@ def run_eval(cfg: EvalConfig, accelerator=None) -> dict:
             continue
         with model_loading(accelerator, whole=True):
             loaded, tokenizer = load_model_and_tokenizer(
-                model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id
+                model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, mask_token_id=cfg.mask_token_id,
+                block_size=cfg.block_size,
             )
         policy = Policy(loaded, shift_logits=shift_logits_of(loaded, cfg.shift_logits)).to(accelerator.device)
+        check_block_sampling(policy, *(("sampling", s) for s in settings))
         if model == batches[pending[0]].model:  # the first model loaded: what runs, said first
             say(launch_line(launch_record(accelerator, policy), sampling_only=True))
         templated = resolve_chat_template(cfg.chat_template, tokenizer)

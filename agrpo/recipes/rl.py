@@ -53,7 +53,7 @@ from agrpo.runlog import (
     CONFIG, RunLog, append_jsonl, make_run_dir, plot_curves, resolve_run_name, resumable_runs, run_status,
     save_resolved_config, write_summary,
 )
-from agrpo.sampling import SamplingConfig, generate, paper_eval_sampling
+from agrpo.sampling import SamplingConfig, check_block_sampling, generate, paper_eval_sampling
 from agrpo.step_metrics import (
     RewardRecorder, check_trackers, flat_config, open_samples, samples_of, step_means, step_sums,
 )
@@ -100,6 +100,11 @@ class RLConfig:
     )
     mask_token_id: int | None = field(
         default=None, metadata={"help": "the [MASK] id, for a model whose config and tokenizer name none (unset: theirs)"}
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "a block-diffusion model's block size, for a checkpoint whose config does not record it "
+                  "(unset: the config's, else the family's: SDAR 4, LLaDA2 32)"},
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2 (needs flash-attn)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory, slower)"})
@@ -376,11 +381,12 @@ def train(cfg: RLConfig, accelerator: Accelerator | None = None, origin: str | N
         model, tokenizer = load_model_and_tokenizer(
             cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, lora=lora, load_in_4bit=cfg.load_in_4bit,
             attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing,
-            mask_token_id=cfg.mask_token_id,
+            mask_token_id=cfg.mask_token_id, block_size=cfg.block_size,
         )
     cfg = replace(cfg, chat_template=resolve_chat_template(cfg.chat_template, tokenizer))  # recorded as used
     shift_logits = shift_logits_of(model, cfg.shift_logits)
     policy = Policy(model, shift_logits=shift_logits).to(device)
+    check_block_sampling(policy, ("sampling", cfg.sampling), ("eval_sampling", cfg.eval_sampling))
     objective = get_objective(cfg.objective)
     ref_logits_fn = None
     if objective.needs_reference(cfg):
