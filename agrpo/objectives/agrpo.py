@@ -89,22 +89,41 @@ def _uniforms(n_rows: int, k: int, scheme: str, generator, device) -> torch.Tens
 
 def step_distribution(rollout: Rollout, importance: str, eos_steps: str = "include") -> torch.Tensor:
     """q_b(t) [B, T] in float64 over t < T_eff (rows with T_eff = 0 are all zero)."""
-    bsz, steps = rollout.step.shape[0], rollout.config.steps
+    steps = rollout.config.steps
     t_eff = horizon(rollout, eos_steps)
     live = torch.arange(steps, device=t_eff.device)[None] < t_eff[:, None]
     if importance == "none":
         q = live.double()
     elif importance == "entropy":
-        h = torch.zeros(bsz, steps + 1, dtype=torch.float64, device=t_eff.device)
-        ent = torch.where(rollout.sampled, rollout.entropy.double(), torch.zeros_like(rollout.entropy, dtype=torch.float64))
-        h.scatter_add_(1, rollout.step.clamp(0, steps), ent)
-        h = h[:, :steps] * live
+        h = step_entropy(rollout, steps) * live
         mean = h.sum(1, keepdim=True) / t_eff[:, None].clamp(min=1)
         floor = ENTROPY_FLOOR * mean + 1e-12
         q = (h + floor) * live
     else:
         raise AgrpoError(f"unknown importance {importance!r}: choose one of {', '.join(IMPORTANCE)}")
     return q / q.sum(1, keepdim=True).clamp(min=1e-300)
+
+
+def learning_rows(rollout: Rollout, normalization: str, row_valid: torch.Tensor | None = None,
+                  eos_steps: str = "include", num_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_eff [B], the rows that learn: T_eff > 0 and a valid reward), after checking the settings."""
+    if num_samples < 1:
+        raise AgrpoError(f"num_samples (K) must be >= 1, got {num_samples}")
+    if normalization not in NORMALIZATION:
+        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    t_eff = horizon(rollout, eos_steps)  # refuses an unknown eos_steps
+    keep = t_eff > 0
+    if row_valid is not None:
+        keep = keep & row_valid.to(t_eff.device)
+    return t_eff, keep.nonzero().squeeze(1)
+
+
+def step_entropy(rollout: Rollout, steps: int) -> torch.Tensor:
+    """[B, steps] float64: the summed entropy of the sampled tokens each step committed."""
+    h = torch.zeros(rollout.step.shape[0], steps + 1, dtype=torch.float64, device=rollout.step.device)
+    ent = torch.where(rollout.sampled, rollout.entropy.double(), torch.zeros_like(rollout.entropy, dtype=torch.float64))
+    h.scatter_add_(1, rollout.step.clamp(0, steps), ent)
+    return h[:, :steps]
 
 
 def plan_steps(
@@ -118,16 +137,8 @@ def plan_steps(
     eos_steps: str = "include",
 ) -> StepPlan:
     """Draw K steps per row and precompute everything the loss needs but the forward passes."""
-    if num_samples < 1:
-        raise AgrpoError(f"num_samples (K) must be >= 1, got {num_samples}")
-    if normalization not in NORMALIZATION:
-        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    t_eff, rows = learning_rows(rollout, normalization, row_valid, eos_steps, num_samples)
     device = rollout.step.device
-    t_eff = horizon(rollout, eos_steps)  # refuses an unknown eos_steps
-    keep = t_eff > 0
-    if row_valid is not None:
-        keep = keep & row_valid.to(device)
-    rows = keep.nonzero().squeeze(1)
     k = num_samples
     q = step_distribution(rollout, importance, eos_steps)[rows]  # [R, T]
     u = _uniforms(rows.numel(), k, step_sampling, generator, device)  # [R, K]
@@ -169,14 +180,8 @@ def every_step_plan(
 
     Row b's steps get coefficient 1 / (T_eff_b * rows) (sequence) or 1 / tokens (token), so the
     loss is the mean over rows of the average over its T_eff steps, with no sampling noise."""
-    if normalization not in NORMALIZATION:
-        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    t_eff, rows = learning_rows(rollout, normalization, row_valid, eos_steps)
     device = rollout.step.device
-    t_eff = horizon(rollout, eos_steps)
-    keep = t_eff > 0
-    if row_valid is not None:
-        keep = keep & row_valid.to(device)
-    rows = keep.nonzero().squeeze(1)
     row = torch.repeat_interleave(rows, t_eff[rows])
     t = torch.cat([torch.arange(int(n), device=device) for n in t_eff[rows]]) if rows.numel() else row
     if normalization == "sequence":

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from agrpo.errors import AgrpoError
-from agrpo.objectives.agrpo import NORMALIZATION, StepPlan, _uniforms, ENTROPY_FLOOR
+from agrpo.objectives.agrpo import ENTROPY_FLOOR, StepPlan, _plan, _uniforms, learning_rows, step_entropy
 from agrpo.objectives.common import clipped_surrogate, horizon, k3_kl
 from agrpo.sampling import Rollout, token_log_prob
 
@@ -77,14 +77,6 @@ def block_ranges(rollout: Rollout, eos_steps: str = "include") -> tuple[torch.Te
     return lo, hi
 
 
-def _step_entropy(rollout: Rollout, steps: int) -> torch.Tensor:
-    """[B, steps] float64: the summed entropy of the sampled tokens each step committed."""
-    h = torch.zeros(rollout.step.shape[0], steps + 1, dtype=torch.float64, device=rollout.step.device)
-    ent = torch.where(rollout.sampled, rollout.entropy.double(), torch.zeros_like(rollout.entropy, dtype=torch.float64))
-    h.scatter_add_(1, rollout.step.clamp(0, steps), ent)
-    return h[:, :steps]
-
-
 def block_step_plan(
     rollout: Rollout,
     num_samples: int,
@@ -96,16 +88,8 @@ def block_step_plan(
     eos_steps: str = "include",
 ) -> BlockPlan:
     """Draw K steps in every block of every row, packed so that draw k of all blocks of a row share a forward."""
-    if num_samples < 1:
-        raise AgrpoError(f"num_samples (K) must be >= 1, got {num_samples}")
-    if normalization not in NORMALIZATION:
-        raise AgrpoError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATION)}")
+    t_eff, rows = learning_rows(rollout, normalization, row_valid, eos_steps, num_samples)
     device = rollout.step.device
-    t_eff = horizon(rollout, eos_steps)
-    keep = t_eff > 0
-    if row_valid is not None:
-        keep = keep & row_valid.to(device)
-    rows = keep.nonzero().squeeze(1)
     lo, hi = block_ranges(rollout, eos_steps)
     lo, hi = lo[rows], hi[rows]  # [R, nb]
     n_rows, nb = lo.shape
@@ -116,7 +100,7 @@ def block_step_plan(
     if importance == "none":
         q = inside.double()
     elif importance == "entropy":
-        h = _step_entropy(rollout, max(steps, 1))[rows][:, None, :] * inside
+        h = step_entropy(rollout, max(steps, 1))[rows][:, None, :] * inside
         mean = h.sum(-1, keepdim=True) / inside.sum(-1, keepdim=True).clamp(min=1)
         q = (h + ENTROPY_FLOOR * mean + 1e-12) * inside
     else:
@@ -127,13 +111,16 @@ def block_step_plan(
     t = torch.minimum(torch.maximum(t, lo[..., None]), (hi - 1).clamp(min=0)[..., None])
     weight = 1.0 / (t_eff[rows][:, None, None].double() * q.gather(-1, t))
     live = (hi > lo)[..., None].expand(-1, -1, k)  # [R, nb, K]
-    # pack-major order: row, then draw k, then block
-    order = live.permute(0, 2, 1)  # [R, K, nb]
-    r_idx, k_idx, b_idx = order.nonzero(as_tuple=True)
-    pack_id = r_idx * k + k_idx
-    packs, pack = torch.unique(pack_id, return_inverse=True)
-    plan = _block_plan(rollout, rows[r_idx], t[r_idx, b_idx, k_idx], weight[r_idx, b_idx, k_idx], normalization,
-                       float(k * n_rows))
+    return _packed(rollout, rows, t, weight, live, normalization, float(k * n_rows))
+
+
+def _packed(rollout: Rollout, rows, t, weight, live, normalization: str, draws: float) -> BlockPlan:
+    """The plan of the live draws (t, weight: [R, nb, K]) in pack-major order (row, then draw k, then
+    block), draw k of every block of a row being one pack (one forward row)."""
+    k = t.shape[-1]
+    r_idx, k_idx, b_idx = live.permute(0, 2, 1).nonzero(as_tuple=True)
+    packs, pack = torch.unique(r_idx * k + k_idx, return_inverse=True)
+    plan = _plan(rollout, rows[r_idx], t[r_idx, b_idx, k_idx], weight[r_idx, b_idx, k_idx], normalization, draws)
     return BlockPlan(plan.row, plan.t, plan.weight, plan.coef, plan.positions, plan.valid, plan.count,
                      pack=pack, block=b_idx, pack_row=rows[packs // k])
 
@@ -143,36 +130,17 @@ def every_block_step_plan(rollout: Rollout, normalization: str = "sequence", row
     """Every live step of every block once, packed round by round (the r-th step of every block in
     one forward): the exact objective `block_step_plan` estimates, by as many forwards as the longest
     block has steps."""
-    device = rollout.step.device
-    t_eff = horizon(rollout, eos_steps)
-    keep = t_eff > 0
-    if row_valid is not None:
-        keep = keep & row_valid.to(device)
-    rows = keep.nonzero().squeeze(1)
+    t_eff, rows = learning_rows(rollout, normalization, row_valid, eos_steps)
     lo, hi = block_ranges(rollout, eos_steps)
     lo, hi = lo[rows], hi[rows]
-    rounds = int((hi - lo).max()) if rows.numel() else 0
-    r = torch.arange(max(rounds, 1), device=device)
-    t = lo[..., None] + r  # [R, nb, rounds]
+    rounds = max(int((hi - lo).max()) if rows.numel() else 0, 1)
+    t = lo[..., None] + torch.arange(rounds, device=lo.device)  # [R, nb, rounds]
     live = t < hi[..., None]
-    order = live.permute(0, 2, 1)  # [R, rounds, nb]
-    r_idx, k_idx, b_idx = order.nonzero(as_tuple=True)
-    pack_id = r_idx * max(rounds, 1) + k_idx
-    packs, pack = torch.unique(pack_id, return_inverse=True)
-    tt = t[r_idx, b_idx, k_idx]
-    if normalization == "sequence":
-        weight = 1.0 / t_eff[rows][r_idx].double()
+    if normalization == "sequence":  # the every-step average of each row, K folded into the weight
+        weight = (1.0 / t_eff[rows].double())[:, None, None].expand(t.shape)
     else:
-        weight = torch.ones(tt.numel(), dtype=torch.float64, device=device)
-    plan = _block_plan(rollout, rows[r_idx], tt, weight, normalization, float(rows.numel()))
-    return BlockPlan(plan.row, plan.t, plan.weight, plan.coef, plan.positions, plan.valid, plan.count,
-                     pack=pack, block=b_idx, pack_row=rows[packs // max(rounds, 1)])
-
-
-def _block_plan(rollout: Rollout, row, t, weight, normalization: str, draws: float) -> StepPlan:
-    from agrpo.objectives.agrpo import _plan
-
-    return _plan(rollout, row, t, weight, normalization, draws)
+        weight = torch.ones(t.shape, dtype=torch.float64, device=t.device)
+    return _packed(rollout, rows, t, weight, live, normalization, float(rows.numel()))
 
 
 def packed_layout(rollout: Rollout, row: torch.Tensor, t_blocks: torch.Tensor):
