@@ -81,6 +81,14 @@ def fixture_models(tmp_path_factory):
     return out
 
 
+def _tiny_block_size(model: str) -> int | None:
+    if not str(model).startswith("tiny:"):
+        return None
+    from agrpo.models import _resolve_tiny
+
+    return json.loads((_resolve_tiny(model) / "config.json").read_text()).get("block_size")
+
+
 def recipe_of(path: Path) -> str:
     return path.read_text().split()[2]  # "# agrpo <recipe> -c ..."
 
@@ -88,6 +96,9 @@ def recipe_of(path: Path) -> str:
 def overrides(path: Path, fixture_models, tmp_path) -> list[str]:
     raw = load_config(RECIPES["train"], str(path))
     over = [f"output_dir={tmp_path}", *SHRINK]
+    block = _tiny_block_size(raw.model)
+    if block:  # a block model's sampler runs its blocks
+        over += [f"sampling.block_length={block}", f"sampling.steps={24 // block}", f"eval_sampling.block_length={block}"]
     if raw.task in tasks.TASKS and not tasks.get(raw.task).character_level:
         family = "dream" if "dream" in str(raw.model).lower() else "llada"
         train, test = write_data(tmp_path, raw.task)

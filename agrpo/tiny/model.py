@@ -3,6 +3,11 @@
 A masked diffusion LM predicts every masked position from the whole sequence, so attention
 must see both ways. Llama with `is_causal=False` does that while still loading with
 `AutoModelForCausalLM`, which keeps saved checkpoints usable by every loader in the package.
+
+With `block_size` the config records it, which makes the model a block-diffusion model for
+every later load: `agrpo.policy.Policy` then runs it under block attention (bidirectional
+inside a block of `block_size` tokens, causal across blocks counted from position 0) and the
+sampler writes its completions block by block with an exact prefix cache.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ def tiny_config(
     mask_token_id: int = MASK_ID,
     eos_token_id: int = EOS_ID,
     pad_token_id: int = PAD_ID,
+    block_size: int | None = None,
 ) -> LlamaConfig:
-    """Config of a bidirectional Llama; `intermediate_size` defaults to 4 * hidden_size."""
+    """Config of a bidirectional Llama; `intermediate_size` defaults to 4 * hidden_size.
+
+    `block_size` (None: attention over the whole sequence) makes it a block-diffusion model:
+    the config keeps `block_size`, which is what `agrpo.policy.Policy` reads."""
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                         ("num_heads", num_heads), ("max_position_embeddings", max_position_embeddings)):
         if not isinstance(value, int) or value < 1:
@@ -36,9 +45,12 @@ def tiny_config(
         intermediate_size = 4 * hidden_size
     elif not isinstance(intermediate_size, int) or intermediate_size < 1:
         raise AgrpoError(f"intermediate_size must be a positive integer or None, got {intermediate_size!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise AgrpoError(f"block_size must be a positive integer or None, got {block_size!r}")
     for name, tid in (("mask_token_id", mask_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if not 0 <= tid < vocab_size:
             raise AgrpoError(f"{name}={tid} is outside the vocabulary (size {vocab_size}): pass the matching tokenizer")
+    extra = {"block_size": block_size} if block_size is not None else {}
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -57,6 +69,7 @@ def tiny_config(
         # a key/value cache assumes later tokens never change earlier states, which is false
         # when every position attends to every other
         use_cache=False,
+        **extra,
     )
 
 
