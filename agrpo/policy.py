@@ -310,6 +310,7 @@ class Policy(nn.Module):
         cache,
         *,
         store: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of a chunk of positions that follows the positions held in `cache`.
 
@@ -330,9 +331,14 @@ class Policy(nn.Module):
                 multiple of the block size, or only padding before S in S's block), or the cached
                 states would lack the chunk's tokens of their own block.
             store: append the chunk's keys/values to `cache`.
+            positions: [B, n] indices into the chunk (0 .. C - 1) whose logits are wanted: the LM head
+                runs on those rows alone. None: every position of the chunk. A [B, 0] tensor runs no
+                head at all (storing a chunk whose logits nobody reads: at a 150k vocabulary the head
+                on a 256-token prompt costs several times the backbone).
 
         Returns:
-            [B, C, V] logits (at least float32); position i scores the token at i.
+            [B, C, V] logits (at least float32), or [B, n, V] at `positions`; row i scores the token at
+            chunk position i (positions[:, i]).
         """
         if self.block_size is None:
             raise AgrpoError(
@@ -343,6 +349,8 @@ class Policy(nn.Module):
             raise AgrpoError("chunk_logits scores each position from its own state: shift_logits models are not supported")
         cached = cache.get_seq_length()
         bsz, length = chunk_ids.shape
+        if positions is not None and (positions.dim() != 2 or positions.shape[0] != bsz):
+            raise AgrpoError(f"positions must be [batch={bsz}, n] indices into the chunk, got {tuple(positions.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones(bsz, cached + length, dtype=torch.long, device=chunk_ids.device)
         if tuple(attention_mask.shape) != (bsz, cached + length):
@@ -374,8 +382,10 @@ class Policy(nn.Module):
         if not store:
             cache.crop(-length)  # forget the chunk: the cache holds positions 0 .. S - 1 again
         if self._backbone is None:
-            return _upcast(out.logits)
-        return _upcast(self._head(_hidden_states(out)))
+            logits = out.logits
+            return _upcast(logits if positions is None else self._gather_rows(logits, positions))
+        hidden = _hidden_states(out)
+        return _upcast(self._head(hidden if positions is None else self._gather_rows(hidden, positions)))
 
     @torch.no_grad()
     def _check_fast_path(self, input_ids, attention_mask):
