@@ -102,3 +102,17 @@ def test_cached_rollouts_of_the_fixtures_are_what_the_trainer_computes(family, t
         _, m = agrpo_loss(policy, ro, torch.ones(ro.tokens.shape[0]), plan=every_step_plan(ro), eps_low=1e-6,
                           eps_high=1e-6)
     assert m["clip_frac"] == 0.0 and abs(m["ratio_mean"] - 1) < 1e-5 and m["loss_tokens"] == int(ro.sampled.sum())
+
+
+@needs_fixtures
+def test_tracerl_runs_on_the_sdar_fixture_with_the_block_options(tmp_path):
+    """TraceRL's block-model settings (length normalisation, log-ratio clamp) through the recipe on SDAR's
+    hub format, with threshold decoding and two updates a batch (so the ratio moves off 1)."""
+    over = [*_settings(tmp_path, "sdar"), "objective=tracerl", "tracerl.normalize=length", "tracerl.log_ratio_clamp=10",
+            "tracerl.shrink=2", "tracerl.min_accuracy=0", "tracerl.max_accuracy=1", "inner_steps=2",
+            "sampling.threshold=0.02", "sampling.remasking=low_confidence"]
+    cfg = load_config(RLConfig, str(CONFIGS / "llada8b" / "gsm8k.yaml"), over)
+    summary = rl.train(cfg)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0 and summary["objective"] == "tracerl"
+    lines = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["loss"]) for line in lines[1:])
