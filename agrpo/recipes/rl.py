@@ -8,8 +8,8 @@ loss -> optimizer step -> log. The objective is called through its interface onl
 (`agrpo/objectives/base.py`): how rewards become advantages, the work done once per batch of
 rollouts, the loss of each update and its metrics; its settings are declared in its own file.
 Where this departs from textbook GRPO:
-* the default objective's loss is a Monte Carlo estimate over denoising steps (the specification's §2),
-  rebuilt exactly from the rollout record, not a one-step mean-field likelihood;
+* the default objective's loss is a Monte Carlo estimate over denoising steps, rebuilt exactly
+  from the rollout record (its file states it), not a one-step mean-field likelihood;
 * advantages are r - mean(r) (no std) by default, as the official code; `None` rewards
   drop the completion instead of counting as zero;
 * the tiny default trains with a smaller model, fewer steps and a larger learning rate
