@@ -5,7 +5,7 @@ A completion is read the way the paper's prompts ask for it:
     <think> reasoning </think>            (or <reasoning> ... </reasoning>)
     <answer> final answer </answer>       (math: \\boxed{} inside)
 
-* The text is cut at the first end-of-turn token (`<|eot_id|>`, `<|endoftext|>`,
+* The text is cut at the first end-of-turn token (`<|eot_id|>`, `<|endoftext|>`, `<|role_end|>`,
   `<|im_end|>`, ...): what a model writes after its turn ended, padding included, is not
   part of the answer.
 * The answer region is the first `<answer>` block. A block opened but never closed runs to
@@ -41,7 +41,7 @@ from agrpo.errors import AgrpoError
 from agrpo.tasks.base import FILE_KEYS, check_file
 
 END_OF_TURN = (
-    "<|eot_id|>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|end|>", "<|eos|>", "</s>", "<eos>",
+    "<|eot_id|>", "<|endoftext|>", "<|im_end|>", "<|role_end|>", "<|end_of_text|>", "<|end|>", "<|eos|>", "</s>", "<eos>",
 )
 # the shared "<" lets the regex engine skip ahead with a fast literal scan
 _END_OF_TURN = re.compile("<(?:" + "|".join(re.escape(t[1:]) for t in END_OF_TURN) + ")")
