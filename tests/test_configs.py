@@ -74,3 +74,45 @@ def test_every_task_preset_composes_with_every_objective_preset(objective):
         assert cfg.objective == objective.stem
         section = own.get(objective.stem) or {}
         assert all(getattr(getattr(cfg, objective.stem), k) == v for k, v in section.items())
+
+
+# presets of the block-diffusion models: the hub name of each, and the family its checkpoint loads as
+BLOCK_MODELS = {"JetLM/SDAR-8B-Chat": "sdar", "Gen-Verse/TraDo-8B-Instruct": "sdar", "inclusionAI/LLaDA2.0-mini": "llada2"}
+BLOCK_PRESETS = sorted(p for folder in ("sdar8b", "trado8b", "llada2mini") for p in (CONFIGS / folder).glob("*.yaml"))
+
+
+def test_there_are_block_model_presets():
+    names = {p.relative_to(CONFIGS).as_posix() for p in BLOCK_PRESETS}
+    assert names == {f"{m}/{t}.yaml" for m in ("sdar8b", "trado8b", "llada2mini") for t in ("gsm8k", "math")}
+    assert set(BLOCK_PRESETS) <= set(PRESETS)  # loaded, validated and run as every other preset
+
+
+@pytest.mark.parametrize("path", BLOCK_PRESETS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_block_model_preset_validates_and_names_a_block_family(path):
+    """A block-model preset loads and validates, names a block-diffusion checkpoint, samples and evaluates in
+    that family's blocks (the sampler refuses any other block length), and says it cannot run without weights."""
+    from agrpo.families import FAMILIES
+
+    cfg = load_config(RLConfig, str(path))
+    family = FAMILIES[BLOCK_MODELS[cfg.model]]
+    assert family.default_block_size and family.native_class  # a block-diffusion family agrpo reads natively
+    for sampling in (cfg.sampling, cfg.eval_sampling):
+        assert sampling.block_length == family.default_block_size
+        assert sampling.steps_per_block <= family.default_block_size and sampling.cache in ("auto", "prefix")
+    assert cfg.sampling.remasking != "random" and cfg.sampling.temperature > 0 and cfg.sampling.threshold > 0
+    assert cfg.eval_sampling.temperature == 0.0
+    assert cfg.task == path.stem and cfg.name == f"{path.stem}-{path.parent.name}"
+    assert cfg.objective == "agrpo" and cfg.lora.r > 0 and cfg.gradient_checkpointing
+    header = path.read_text().split("\nname:")[0]
+    assert "cannot run on a machine without them" in header and "GB of 80 GB" in header
+    assert f"max_rows_per_forward {cfg.max_rows_per_forward} pack rows" in header
+
+
+def test_dipo_composes_with_the_sdar_preset_it_names():
+    """configs/objectives/dipo.yaml's first line runs it on top of configs/sdar8b/math.yaml: DiPO's settings over
+    the SDAR preset's blocks."""
+    dipo = CONFIGS / "objectives" / "dipo.yaml"
+    first = dipo.read_text().splitlines()[0]
+    task = CONFIGS / re.match(r"# agrpo train -c configs/(\S+) -c", first).group(1)
+    cfg = load_config(RLConfig, [str(task), str(dipo)])
+    assert cfg.objective == "dipo" and cfg.sampling.block_length == 4 and cfg.sampling.threshold == 0.9

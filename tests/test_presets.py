@@ -71,14 +71,27 @@ def fixture_models(tmp_path_factory):
     if not FIXTURES.is_dir():
         pytest.skip("model fixtures not available")
     out = {}
-    for family in ("llada", "dream"):
+    for family in ("llada", "dream", "sdar", "llada2"):
         path = tmp_path_factory.mktemp(family)
         shutil.copytree(FIXTURES / family, path, dirs_exist_ok=True)
-        tok = nl_fixture_tokenizer(family)
+        # the block fixtures share LLaDA's fixture ids (mask 1020, eos 1021)
+        tok = nl_fixture_tokenizer(family if family in ("llada", "dream") else "llada")
         assert tok.mask_token_id == 1020 and tok.eos_token_id == 1021
         tok.save_pretrained(path)
         out[family] = path
     return out
+
+
+def fixture_family(model: str) -> str:
+    """The fixture standing in for a paper preset's model: block models run on a block fixture."""
+    name = str(model).lower()
+    if "dream" in name:
+        return "dream"
+    if "llada2" in name:
+        return "llada2"
+    if "sdar" in name or "trado" in name:
+        return "sdar"
+    return "llada"
 
 
 def _tiny_block_size(model: str) -> int | None:
@@ -100,9 +113,11 @@ def overrides(path: Path, fixture_models, tmp_path) -> list[str]:
     if block:  # a block model's sampler runs its blocks
         over += [f"sampling.block_length={block}", f"sampling.steps={24 // block}", f"eval_sampling.block_length={block}"]
     if raw.task in tasks.TASKS and not tasks.get(raw.task).character_level:
-        family = "dream" if "dream" in str(raw.model).lower() else "llada"
+        family = fixture_family(raw.model)
         train, test = write_data(tmp_path, raw.task)
         over += [f"model={fixture_models[family]}", f"train_data={train}", f"eval_data={test}", *PAPER_SHRINK]
+        if family in ("sdar", "llada2"):  # the block fixtures' blocks of 4 (LLaDA2's config records none)
+            over += ["block_size=4", "sampling.block_length=4", "sampling.steps=6", "eval_sampling.block_length=4"]
     return over
 
 

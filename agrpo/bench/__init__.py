@@ -56,6 +56,29 @@ class BenchConfig:
     num_samples: int = field(default=8, metadata={"help": "loss: sampled steps K per row"})
     perturb: float = field(default=5e-3, metadata={"help": "loss: std of the noise added to the weights after the rollout"})
     baseline: bool = field(default=True, metadata={"help": "also time the straightforward version"})
+    # rollout on a block-diffusion model: the cached sampler against the uncached one (agrpo.bench.block)
+    bidirectional: bool = field(default=True, metadata={"help": "rollout: time the sampler on the bidirectional Llama"})
+    block: bool = field(default=True, metadata={"help": "rollout: time cache=prefix against cache=none on a block model"})
+    block_batch: int = field(default=8, metadata={"help": "block: prompts B (the cached sampler's LM head costs the same per token in both samplers: the ratio grows with B)"})
+    block_prompt_len: int = field(default=256, metadata={"help": "block: prompt tokens P"})
+    block_gen_length: int = field(default=256, metadata={"help": "block: completion tokens C"})
+    block_size: int = field(default=4, metadata={"help": "block: tokens per block (SDAR's 4)"})
+    block_steps: int = field(default=0, metadata={"help": "block: denoising steps; 0 = block_gen_length (1 token a step)"})
+    block_threshold: float = field(
+        default=0.0, metadata={"help": "block: also compare under threshold decoding at this threshold (0.9: DiPO's); 0 = skip"})
+    block_temperature: float = field(default=1.0, metadata={"help": "block: sampling temperature (> 0)"})
+    block_top_k: int = field(default=50, metadata={"help": "block: top-k of the sampling filter (0 = off)"})
+    block_vocab: int = field(default=151936, metadata={"help": "block: vocabulary (Qwen3's, as SDAR / TraDo); [MASK], EOS = the last two ids"})
+    block_hidden: int = field(default=512, metadata={"help": "block: hidden size of the Qwen3-style model"})
+    block_layers: int = field(default=8, metadata={"help": "block: transformer layers"})
+    block_heads: int = field(default=8, metadata={"help": "block: attention heads (head_dim = hidden / heads)"})
+    block_kv_heads: int = field(default=2, metadata={"help": "block: key/value heads (grouped-query attention)"})
+    block_intermediate: int = field(default=1536, metadata={"help": "block: MLP width"})
+    block_repeats: int = field(default=1, metadata={"help": "block: timed runs of the cached sampler (best reported); "
+                                                       "the uncached one runs once"})
+    block_logit_scale: float = field(
+        default=120.0, metadata={"help": "block: multiplies the random LM head, whose draws are otherwise far below any "
+                                 "threshold (120: about 2 tokens a step at threshold 0.9)"})
 
 
 def make_config(overrides: dict) -> BenchConfig:

@@ -91,7 +91,7 @@ def _run(cfg, threads: int, json_out: bool) -> dict:
     speedup = base_seconds / best if base_seconds else None
     result = {
         "benchmark": "loss",
-        "config": dict(vars(cfg)),
+        "config": {k: v for k, v in vars(cfg).items() if k not in ("bidirectional", "block") and not k.startswith("block_")},
         "threads": threads,
         "load_avg": load_average(),
         "samples": metrics["samples"],

@@ -1,4 +1,6 @@
-"""Rollout benchmark: `agrpo.sampling.generate` against the straightforward sampler, same run.
+"""Rollout benchmark: `agrpo.sampling.generate` against the straightforward sampler, same run;
+then, on a block-diffusion model, the sampler with its prefix KV cache against itself without one
+(`agrpo.bench.block`: `block=false` skips it, `bidirectional=false` runs it alone).
 
 Ours runs first (one warm-up, then `repeats` timed runs, best reported) so that the peak
 resident memory read right after it is ours alone; the baseline then samples the same
@@ -27,6 +29,8 @@ from agrpo.bench import (
     timed,
 )
 from agrpo.bench.baseline import naive_generate
+from agrpo.bench.block import check_block_config, run_block
+from agrpo.errors import AgrpoError
 from agrpo.sampling import generate
 
 SPEEDUP_BAR = 10.0  # tokens/s against the baseline
@@ -36,11 +40,24 @@ TOKENS_PER_S_GOAL = 550.0
 
 def run_rollout(json_out: bool = False, **overrides) -> dict:
     cfg = make_config(overrides)
+    if not (cfg.bidirectional or cfg.block):
+        raise AgrpoError("bidirectional=false and block=false leave nothing to time")
+    if cfg.block:
+        check_block_config(cfg)  # before the first part's minutes, not after
     with thread_scope(cfg.threads) as threads:
-        return _run(cfg, threads, json_out)
+        result = {"benchmark": "rollout",
+                  "config": {k: v for k, v in vars(cfg).items() if k not in ("num_samples", "perturb")},
+                  "threads": threads, "load_avg": load_average()}
+        if cfg.bidirectional:
+            result.update(_run(cfg, threads))
+        if cfg.block:
+            if cfg.bidirectional:
+                print()
+            result["block"] = run_block(cfg, threads)
+    return emit(result, json_out)
 
 
-def _run(cfg, threads: int, json_out: bool) -> dict:
+def _run(cfg, threads: int) -> dict:
     model, policy = build_model(cfg)
     prompts = make_prompts(cfg)
     sc = sampling_config(cfg)
@@ -82,10 +99,6 @@ def _run(cfg, threads: int, json_out: bool) -> dict:
     speedup = ours_tps / base_tps if base_tps else None
     record_ratio = base_bytes / rollout.record_bytes() if base_bytes else None
     result = {
-        "benchmark": "rollout",
-        "config": {k: v for k, v in vars(cfg).items() if k not in ("num_samples", "perturb")},
-        "threads": threads,
-        "load_avg": load_average(),
         "tokens": tokens,
         "tokens_per_s": round(ours_tps, 2),
         "runs_s": [round(r, 4) for r in runs],
@@ -124,4 +137,4 @@ def _run(cfg, threads: int, json_out: bool) -> dict:
         f"LM head {share['head']:.0f}%, filter + sampling + bookkeeping {share['other']:.0f}%",
     ]
     print_table(f"rollout: {describe(cfg, threads)}", ["", "ours", "baseline", "ratio", "bar"], rows, notes)
-    return emit(result, json_out)
+    return result
