@@ -81,6 +81,7 @@ def test_recorded_log_probs_are_what_the_training_forward_computes(case):
     policy = eos_prone(block_policy(5, double=False))
     ids, mask = padded_prompts([6, 2, 9, 5])
     ro = generate(policy, ids, mask, cfg, torch.Generator().manual_seed(2))
+    assert (~ro.sampled).any(), "no row stopped early: the early-stop path is not exercised"
     checked = 0
     for b in range(ro.tokens.shape[0]):
         for t in ro.step[b][ro.sampled[b]].unique().tolist():
