@@ -339,29 +339,25 @@ def _committed(score: torch.Tensor, lp: torch.Tensor, masked: torch.Tensor | Non
 
 def check_block_sampling(policy, *configs: tuple[str, SamplingConfig]) -> None:
     """Refuse, in one line and before any work, sampler settings a block-diffusion model cannot run:
-    `configs` are (config key, SamplingConfig) pairs such as ("sampling", cfg.sampling)."""
+    `configs` are (config key, SamplingConfig) pairs such as ("sampling", cfg.sampling); "" for no key."""
     block_size = getattr(unwrap(policy), "block_size", None)
     for key, cfg in configs:
+        key = f"{key}." if key else ""
         if block_size and cfg.block_length != block_size:
             raise AgrpoError(
                 f"this model generates in blocks of {block_size} tokens (its block_size): set "
-                f"{key}.block_length={block_size} (and {key}.gen_length a multiple of it)"
+                f"{key}block_length={block_size} (and {key}gen_length a multiple of it)"
             )
         if not block_size and cfg.cache == "prefix":
             raise AgrpoError(
-                f"{key}.cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
+                f"{key}cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
                 "positions attend to later ones): use cache=none or auto"
             )
 
 
-def _align_to_blocks(core, prompt_ids, prompt_mask, cfg: SamplingConfig, block_size: int):
+def _align_to_blocks(core, prompt_ids, prompt_mask, block_size: int):
     """Left-pad the prompts to a whole number of blocks (blocks count from position 0, as the model's own
-    inference counts them), after checking that the sampler's blocks are the model's."""
-    if cfg.block_length != block_size:
-        raise AgrpoError(
-            f"this model generates in blocks of {block_size} tokens (its block_size): set "
-            f"block_length={block_size} (and gen_length a multiple of it)"
-        )
+    inference counts them)."""
     pad = -prompt_ids.shape[1] % block_size
     if not pad:
         return prompt_ids, prompt_mask
@@ -387,13 +383,8 @@ class _FullSequence:
 
 
 def _scorer(policy, core, cfg: SamplingConfig, block_size):
-    if cfg.cache == "none" or (cfg.cache == "auto" and not block_size):
+    if cfg.cache == "none" or not block_size:  # check_block_sampling refused a prefix cache without blocks
         return _FullSequence(policy, core)
-    if not block_size:
-        raise AgrpoError(
-            "sampling.cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
-            "positions attend to later ones): use cache=none or auto"
-        )
     return BlockCache(core)
 
 
@@ -419,9 +410,10 @@ def generate(
     device = prompt_ids.device
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
+    check_block_sampling(core, ("", cfg))
     block_size = getattr(core, "block_size", None)
     if block_size:
-        prompt_ids, prompt_mask = _align_to_blocks(core, prompt_ids, prompt_mask, cfg, block_size)
+        prompt_ids, prompt_mask = _align_to_blocks(core, prompt_ids, prompt_mask, block_size)
     bsz, plen = prompt_ids.shape
     gen, blen = cfg.gen_length, cfg.block_length
     spb, kps = cfg.steps_per_block, cfg.tokens_per_step
