@@ -274,10 +274,11 @@ class Policy(nn.Module):
         return self._head(self._gather_rows(hidden, positions))
 
     def _gather_rows(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.shift_logits:
-            positions = positions - 1
-        index = positions.unsqueeze(-1).expand(*positions.shape, states.shape[-1])
-        return states.gather(1, index)
+        return self._gather_states(states, positions - 1 if self.shift_logits else positions)
+
+    @staticmethod
+    def _gather_states(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return states.gather(1, index.unsqueeze(-1).expand(*index.shape, states.shape[-1]))
 
     def forward(
         self,
@@ -349,8 +350,6 @@ class Policy(nn.Module):
             raise AgrpoError("chunk_logits scores each position from its own state: shift_logits models are not supported")
         cached = cache.get_seq_length()
         bsz, length = chunk_ids.shape
-        if positions is not None and (positions.dim() != 2 or positions.shape[0] != bsz):
-            raise AgrpoError(f"positions must be [batch={bsz}, n] indices into the chunk, got {tuple(positions.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones(bsz, cached + length, dtype=torch.long, device=chunk_ids.device)
         if tuple(attention_mask.shape) != (bsz, cached + length):
@@ -363,29 +362,81 @@ class Policy(nn.Module):
                 f"the cache ({cached} positions) ends inside a block of {self.block_size} tokens: cache whole blocks "
                 "only, counted from position 0 of the sequence"
             )
+        return self._run_chunk(chunk_ids, self._block_mask(attention_mask, start=cached),
+                               blocks.position_ids(attention_mask)[:, cached:], cache, store, positions)
+
+    def cached_logits(
+        self,
+        chunk_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        *,
+        store: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of a chunk of a bidirectional model run against the keys and values in `cache`, in any order.
+
+        Every query of the chunk attends to every real key: the cached ones (whatever states they were
+        computed from) and the chunk's own. This is the forward of the approximate caches of
+        `agrpo.sampling` (prefix and dual): keys carry their rotary positions from `position_ids`, so the
+        order in which positions sit in the cache does not matter.
+
+        Args:
+            chunk_ids: [B, C] tokens.
+            key_mask: [B, S + C] 1 where a key is a real token: the S cached keys in cache order, then the chunk.
+            position_ids: [B, C] the chunk's positions (each row counted from its first real token).
+            cache: a `transformers.DynamicCache` holding S positions (a new, empty one: S = 0).
+            store: append the chunk's keys and values to `cache` (else it is left as it was).
+            rows: [B, n] indices into the chunk of the hidden states whose logits are wanted (no shift
+                applied: for a shift_logits model the caller asks for the state before each position);
+                a [B, 0] tensor runs no head. None: every position of the chunk.
+        """
+        if self.block_size is not None:
+            raise AgrpoError("cached_logits is for bidirectional models; a block-diffusion model uses chunk_logits")
+        cached = cache.get_seq_length()
+        bsz, length = chunk_ids.shape
+        if tuple(key_mask.shape) != (bsz, cached + length) or tuple(position_ids.shape) != (bsz, length):
+            raise AgrpoError(
+                f"key_mask must be [{bsz}, {cached + length}] (cached keys, then the chunk) and position_ids "
+                f"[{bsz}, {length}], got {tuple(key_mask.shape)} and {tuple(position_ids.shape)}"
+            )
+        implementation, dtype = self._attention_form()
+        mask = key_mask.bool()[:, None, None, :].expand(bsz, 1, length, cached + length)
+        return self._run_chunk(chunk_ids, blocks.for_attention(mask, implementation, dtype), position_ids, cache, store,
+                               rows, shift=False)
+
+    def _run_chunk(self, chunk_ids, mask, position_ids, cache, store, positions, shift: bool = True):
+        """The forward of a chunk against `cache` with a prepared 4D mask; logits at `positions` of the chunk."""
+        cached = cache.get_seq_length()
+        bsz, length = chunk_ids.shape
+        if positions is not None and (positions.dim() != 2 or positions.shape[0] != bsz):
+            raise AgrpoError(f"positions must be [batch={bsz}, n] indices into the chunk, got {tuple(positions.shape)}")
         if not self._checked:
             tail = slice(-_CHECK_LEN, None)
-            self._check_fast_path(chunk_ids[:1, tail], attention_mask[:1, cached:][:, tail])
+            self._check_fast_path(chunk_ids[:1, tail], None)
         module = self._backbone if self._backbone is not None else self.model
         accepted = self._backbone_accepts if self._backbone is not None else self._model_accepts
-        kwargs = {"attention_mask": self._block_mask(attention_mask, start=cached), _cache_keyword(_base_model(module)): cache}
+        if "position_ids" not in accepted:
+            raise AgrpoError(f"{type(_base_model(module)).__name__} takes no position_ids: it cannot run from a key/value cache "
+                             "here: use sampling.cache=none")
+        kwargs = {"attention_mask": mask, _cache_keyword(_base_model(module)): cache, "position_ids": position_ids}
         if "use_cache" in accepted:
             kwargs["use_cache"] = True
-        if "position_ids" in accepted:
-            kwargs["position_ids"] = blocks.position_ids(attention_mask)[:, cached:]
         out = module(input_ids=chunk_ids, **kwargs)
         if cache.get_seq_length() != cached + length:
             raise AgrpoError(
-                "the model did not extend the key/value cache (activation checkpointing drops it in training mode): "
-                "run chunk_logits under torch.no_grad() or with the model in eval mode"
+                "the model did not extend the key/value cache (activation checkpointing drops it in training mode, and "
+                "some hub code keeps none): run it under torch.no_grad() in eval mode, or use sampling.cache=none"
             )
         if not store:
-            cache.crop(-length)  # forget the chunk: the cache holds positions 0 .. S - 1 again
+            cache.crop(-length)  # forget the chunk: the cache holds its S positions again
+        gather = self._gather_rows if shift else self._gather_states
         if self._backbone is None:
             logits = out.logits
-            return _upcast(logits if positions is None else self._gather_rows(logits, positions))
+            return _upcast(logits if positions is None else gather(logits, positions))
         hidden = _hidden_states(out)
-        return _upcast(self._head(hidden if positions is None else self._gather_rows(hidden, positions)))
+        return _upcast(self._head(hidden if positions is None else gather(hidden, positions)))
 
     @torch.no_grad()
     def _check_fast_path(self, input_ids, attention_mask):

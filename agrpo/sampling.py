@@ -30,6 +30,7 @@ from agrpo.errors import AgrpoError
 from agrpo.policy import unwrap
 
 REMASKING = ("random", "low_confidence", "entropy", "margin")
+CACHES = ("auto", "none", "prefix", "dual")
 
 
 @dataclass
@@ -50,10 +51,12 @@ class SamplingConfig:
                   "drawn token has probability >= threshold, at least gen_length/steps of them (the remasking rule's first); "
                   "steps is then the most a block takes; 0 = off"},
     )
-    cache: Literal["auto", "none", "prefix"] = field(
+    cache: Literal["auto", "none", "prefix", "dual"] = field(
         default="auto",
-        metadata={"help": "KV cache of the prompt and finished blocks: prefix (exact for block-diffusion models: each step "
-                  "runs the current block alone), none (every step runs the whole sequence); auto: prefix where exact"},
+        metadata={"help": "key/value cache: none (every step runs the whole sequence); prefix: the prompt and finished "
+                  "blocks (exact on block-diffusion models; on bidirectional ones refreshed at each block start, an "
+                  "approximation); dual: also the masked suffix (bidirectional models, approximate); auto: prefix "
+                  "where exact, else none"},
     )
 
     def validate(self) -> None:
@@ -83,8 +86,8 @@ class SamplingConfig:
         if self.threshold and self.remasking == "random":
             raise AgrpoError("threshold decoding commits by the model's confidence: use remasking=low_confidence "
                              "(or entropy, margin), not random")
-        if self.cache not in ("auto", "none", "prefix"):
-            raise AgrpoError(f"unknown cache {self.cache!r}: choose one of auto, none, prefix")
+        if self.cache not in CACHES:
+            raise AgrpoError(f"unknown cache {self.cache!r}: choose one of {', '.join(CACHES)}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -119,6 +122,9 @@ class Rollout:
     mask_id: int
     eos_id: int | None  # fills a row that stopped early
     eos_ids: tuple[int, ...] = ()  # every id that ends a row (eos_id alone when empty)
+    # drawn through an approximate cache: logp/entropy/filter_ids are the behaviour policy mu's, not the
+    # exact policy's at the rebuilt state (which the objectives compute)
+    approximate: bool = False
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -348,10 +354,10 @@ def check_block_sampling(policy, *configs: tuple[str, SamplingConfig]) -> None:
                 f"this model generates in blocks of {block_size} tokens (its block_size): set "
                 f"{key}block_length={block_size} (and {key}gen_length a multiple of it)"
             )
-        if not block_size and cfg.cache == "prefix":
+        if block_size and cfg.cache == "dual":
             raise AgrpoError(
-                f"{key}cache=prefix is exact only for block-diffusion models (a bidirectional model's earlier "
-                "positions attend to later ones): use cache=none or auto"
+                f"{key}cache=dual caches the masked blocks after the current one, which a block-diffusion model "
+                f"never attends to: use {key}cache=prefix (exact) or auto"
             )
 
 
@@ -383,9 +389,11 @@ class _FullSequence:
 
 
 def _scorer(policy, core, cfg: SamplingConfig, block_size):
-    if cfg.cache == "none" or not block_size:  # check_block_sampling refused a prefix cache without blocks
+    if cfg.cache == "none" or (cfg.cache == "auto" and not block_size):
         return _FullSequence(policy, core)
-    return BlockCache(core)
+    if block_size:
+        return BlockCache(core)
+    return BidirectionalCache(core, dual=cfg.cache == "dual")
 
 
 @torch.no_grad()
@@ -506,6 +514,7 @@ def generate(
         mask_id=mask_id,
         eos_id=eos_id,
         eos_ids=eos_ids,
+        approximate=isinstance(scorer, BidirectionalCache),
     )
 
 
@@ -541,3 +550,53 @@ class BlockCache:
             return
         self.core.chunk_logits(x[rows, start : start + blen], attn[rows, : start + blen], self.cache, store=True,
                                positions=rows.new_empty(rows.numel(), 0))
+
+
+class BidirectionalCache:
+    """Approximate key/value caches of a bidirectional model (Fast-dLLM's prefix and dual caches).
+
+    At a block's first step the whole sequence runs (exact logits) and its keys and values are kept:
+    `prefix` keeps the positions before the block, `dual` also those after it (the masked suffix).
+    Every later step of the block runs only what is not kept (prefix: the block and the suffix; dual:
+    the block alone) against those keys and values, which were computed when the block was still
+    masked: earlier positions would now attend to the block's committed tokens, so the logits are an
+    approximation of the model's, and the sampler records what it drew from (`Rollout.approximate`).
+
+    A shift_logits model (Dream) scores position p from the state at p - 1, so the window a step runs
+    is [start - 1, start + blen): the block's states and the one before it. For `dual` the first forward
+    runs the sequence in the order (before the window, after it, the window): the window's keys come
+    last and are dropped by one crop, and positions keep their rotary angles (position_ids), so the
+    order changes nothing but rounding.
+    """
+
+    def __init__(self, core, dual: bool):
+        from transformers import DynamicCache
+
+        self.core, self.dual, self.shift, self._new = core, dual, int(bool(core.shift_logits)), DynamicCache
+
+    def begin_block(self, x, attn, rows, start, blen) -> None:
+        self.cache, self.start, self.blen = None, start, blen
+
+    def logits(self, xa, aa, positions):
+        length = xa.shape[1]
+        # the window run at every step: the block, and for a shifted model the state before it that scores its first
+        # position (the block's last state scores nothing in the block, but its token must be seen by the others)
+        a, b = self.start - self.shift, self.start + self.blen
+        pos_ids = (aa.long().cumsum(-1) - 1).clamp(min=0)
+        index = positions - self.shift - a  # into the window
+        if self.cache is None:  # the block's first step: the whole sequence, its keys and values kept
+            ar = torch.arange(length, device=xa.device)
+            order = torch.cat([ar[:a], ar[b:], ar[a:b]]) if self.dual else ar
+            first = length - (b - a) if self.dual else a  # where the window starts in `order`
+            self.cache = self._new()
+            logits = self.core.cached_logits(xa[:, order], aa[:, order], pos_ids[:, order], self.cache, store=True,
+                                             rows=index + first)
+            self.cache.crop(-(b - a) if self.dual else a - length)  # drop the window (and, prefix, the suffix)
+            self.keys = torch.cat([aa[:, :a], aa[:, b:]], dim=1) if self.dual else aa[:, :a]
+            return logits
+        end = b if self.dual else length
+        return self.core.cached_logits(xa[:, a:end], torch.cat([self.keys, aa[:, a:end]], dim=1), pos_ids[:, a:end],
+                                       self.cache, store=False, rows=index)
+
+    def end_block(self, x, attn, rows, start, blen) -> None:
+        self.cache = None

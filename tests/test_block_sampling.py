@@ -10,7 +10,7 @@ from agrpo.errors import AgrpoError
 from agrpo.objectives.agrpo import rebuild_states
 from agrpo.policy import Policy
 from agrpo.sampling import SamplingConfig, generate, token_log_prob
-from conftest import EOS, PAD, VOCAB, prompts, tiny_model
+from conftest import EOS, PAD, prompts, tiny_model
 
 BS = 4
 
@@ -136,13 +136,6 @@ def test_block_length_must_be_the_models_block_size():
     ids, mask = padded_prompts([4, 6])
     with pytest.raises(AgrpoError, match="blocks of 4 tokens .* block_length=4"):
         generate(policy, ids, mask, dataclasses.replace(FIXED, block_length=6, steps=6), torch.Generator())
-
-
-def test_a_prefix_cache_on_a_bidirectional_model_is_refused():
-    policy = Policy(tiny_model(0))
-    ids, mask = padded_prompts([4, 6])
-    with pytest.raises(AgrpoError, match="cache=prefix is exact only for block-diffusion"):
-        generate(policy, ids, mask, dataclasses.replace(FIXED, cache="prefix"), torch.Generator())
 
 
 def test_threshold_with_random_remasking_is_refused():

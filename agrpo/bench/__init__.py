@@ -4,6 +4,9 @@
 seeded tiny bidirectional Llama with LLaDA's vocabulary (126,464 tokens, [MASK] 126336,
 EOS 126081), time ours and the baseline of `agrpo.bench.baseline` on the same inputs, print
 a table (and, with json_out, one JSON object as the last line) and return the figures.
+The rollout bench has two more parts, each with its own settings: a block-diffusion model's
+exact prefix cache (`block_*`, `agrpo.bench.block`) and a bidirectional model's approximate
+prefix and dual caches with their off-policy gap (`cache_*`, `agrpo.bench.cache`).
 
 Overrides are the fields of `BenchConfig`; values given as strings (from a command line)
 are converted to the field's type.
@@ -79,6 +82,38 @@ class BenchConfig:
     block_logit_scale: float = field(
         default=120.0, metadata={"help": "block: multiplies the random LM head, whose draws are otherwise far below any "
                                  "threshold (120: about 2 tokens a step at threshold 0.9)"})
+    # rollout on a bidirectional model through the approximate caches prefix and dual (agrpo.bench.cache)
+    cache: bool = field(default=True, metadata={"help": "rollout: time cache=prefix, dual and dual + threshold against "
+                                                "cache=none on a LLaDA-style bidirectional model, and their off-policy gap"})
+    cache_batch: int = field(default=2, metadata={"help": "cache: prompts B (the uncached run, most of the part's time, "
+                                                   "grows with B: about 3 minutes at B=2 on one thread)"})
+    cache_prompt_len: int = field(default=256, metadata={"help": "cache: prompt tokens P"})
+    cache_gen_length: int = field(default=256, metadata={"help": "cache: completion tokens C"})
+    cache_block_length: int = field(default=32, metadata={"help": "cache: semi-autoregressive block length"})
+    cache_steps: int = field(default=0, metadata={"help": "cache: denoising steps (at most, under the threshold); "
+                                                   "0 = cache_gen_length (1 token a step)"})
+    cache_threshold: float = field(
+        default=0.9, metadata={"help": "cache: threshold of the dual + threshold mode (confidence-threshold decoding); "
+                               "0 = skip that mode"})
+    cache_temperature: float = field(default=1.0, metadata={"help": "cache: sampling temperature (> 0)"})
+    cache_top_k: int = field(default=50, metadata={"help": "cache: top-k of the sampling filter (0 = off)"})
+    cache_vocab: int = field(default=126464, metadata={"help": "cache: vocabulary (LLaDA's by default)"})
+    cache_mask_id: int = field(default=126336, metadata={"help": "cache: [MASK] id (LLaDA's)"})
+    cache_eos_id: int = field(default=126081, metadata={"help": "cache: EOS id (never stops a row here)"})
+    cache_hidden: int = field(default=512, metadata={"help": "cache: hidden size of the bidirectional Llama"})
+    cache_layers: int = field(default=8, metadata={"help": "cache: transformer layers"})
+    cache_heads: int = field(default=8, metadata={"help": "cache: attention heads, as many key/value heads (LLaDA)"})
+    cache_intermediate: int = field(default=1536, metadata={"help": "cache: MLP width"})
+    cache_repeats: int = field(default=1, metadata={"help": "cache: timed runs of each cached mode (best reported); "
+                                                     "cache=none runs once"})
+    cache_logit_scale: float = field(
+        default=50.0, metadata={"help": "cache: multiplies the random LM head (every mode), whose draws are otherwise "
+                                "far below any threshold (50: about 3 tokens a step at threshold 0.9)"})
+    cache_gap_states: int = field(
+        default=64, metadata={"help": "cache: (row, step) states of each cached rollout scored by the exact policy for "
+                              "the off-policy gap, a random subset (one whole-sequence forward each); 0 = every state"})
+    cache_gap_batch: int = field(default=4, metadata={"help": "cache: states scored a forward (one thread: 0.33 s a state "
+                                                       "at 2 or 4 a forward, 0.44 s at 8)"})
 
 
 def make_config(overrides: dict) -> BenchConfig:
@@ -252,8 +287,28 @@ def describe(cfg: BenchConfig, threads: int) -> str:
     )
 
 
-def script_main(name: str, argv: list[str]) -> dict:
-    """`[--json] [key=value ...]` -> run the named benchmark (for the scripts in benchmarks/)."""
+def describe_settings() -> str:
+    """Every setting of `BenchConfig`: name, default, help (what `--help` prints)."""
+    from agrpo.config import describe_config
+
+    return describe_config(BenchConfig)
+
+
+def script_main(name: str, argv: list[str]) -> dict | None:
+    """`[--json] [key=value ...]` -> run the named benchmark (for the scripts in benchmarks/); `--help` lists
+    the settings. A mistake in the settings prints one line on stderr and exits with status 2, as `agrpo` does."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"python benchmarks/{name}.py [--json] [key=value ...]\n")
+        print(describe_settings())
+        return None
+    try:
+        return _script_run(name, argv)
+    except AgrpoError as err:
+        print(f"benchmarks/{name}.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _script_run(name: str, argv: list[str]) -> dict:
     json_out = "--json" in argv
     overrides = {}
     for arg in argv:

@@ -33,7 +33,7 @@ from torch import nn
 from agrpo.distributed import OneSync, totals
 from agrpo.errors import AgrpoError
 from agrpo.objectives.base import Context, Objective, Part, add_piece, global_metrics, new_sums, register
-from agrpo.objectives.common import clipped_surrogate, horizon, k3_kl
+from agrpo.objectives.common import clipped_surrogate, exact_old_log_probs, horizon, k3_kl, truncated_is
 from agrpo.policy import unwrap
 from agrpo.sampling import Rollout, token_log_prob
 
@@ -216,7 +216,8 @@ def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torc
     return x
 
 
-def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp=0.0):
+def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp=0.0,
+                tis_cap=0.0, old_exact=None):
     row, t = plan.row[idx], plan.t[idx]
     pos, valid = plan.positions[idx], plan.valid[idx]
     x = rebuild_states(rollout, row, t)
@@ -230,7 +231,11 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
     temperature = rollout.config.temperature
     logits = policy(x, abs_pos, attn)
     logp, _ = token_log_prob(logits, tokens, temperature, filt, rollout.mask_id)
-    old = rollout.logp[row].gather(1, pos)
+    behaviour = rollout.logp[row].gather(1, pos)  # what the sampler drew from
+    old, weight = behaviour, None
+    if rollout.approximate and tis_cap > 0:  # ratio against the exact policy before the update, tokens reweighted
+        old = exact_old_log_probs(old_exact, row, pos, valid, logp)
+        weight = truncated_is(old, behaviour, tis_cap)
     adv = advantages[row][:, None]
     per_tok, ratio, clipped = clipped_surrogate(logp, old, adv, eps_low, eps_high, log_ratio_clamp)
     kl = torch.zeros_like(per_tok)
@@ -239,6 +244,8 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
             ref_logp, _ = token_log_prob(ref_logits_fn(x, abs_pos, attn), tokens, temperature, filt, rollout.mask_id)
         kl = k3_kl(logp, ref_logp, ratio)
         per_tok = per_tok + beta * kl
+    if weight is not None:
+        per_tok = weight * per_tok
     per_tok = per_tok.masked_fill(~valid, 0.0)
     loss = (plan.coef[idx].to(per_tok.dtype) * per_tok.sum(1)).sum()
     stats = {
@@ -247,6 +254,12 @@ def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta,
         "ratio_sum": ratio.detach().masked_fill(~valid, 0.0).sum().item(),
         "kl_sum": kl.detach().masked_fill(~valid, 0.0).sum().item(),
     }
+    if rollout.approximate:  # the off-policy gap: log pi_old / mu (pi_old: the current policy when not stored)
+        gap = ((old if weight is not None else logp).detach() - behaviour)[valid]
+        stats["gap_sum"] = gap.sum().item()
+        rho = gap.exp()
+        stats["gap_outside"] = ((rho > 1 + eps_high) | (rho < 1 - eps_low)).sum().item()
+        stats["capped"] = 0 if weight is None else (weight[valid] >= tis_cap).sum().item()
     return loss, stats
 
 
@@ -261,6 +274,8 @@ def loss_chunks(
     beta: float = 0.0,
     ref_logits_fn: Callable | None = None,
     log_ratio_clamp: float = 0.0,
+    tis_cap: float = 0.0,
+    old_exact: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, dict]]:
     """(loss, stats) of each batch of at most `max_rows_per_forward` draws, in order; `plan.chunks` of them.
 
@@ -279,7 +294,8 @@ def loss_chunks(
     chunk = n if not max_rows_per_forward else max(1, int(max_rows_per_forward))
     for start in range(0, n, chunk):
         idx = torch.arange(start, min(n, start + chunk), device=plan.row.device)
-        yield _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp)
+        yield _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp,
+                          tis_cap, old_exact)
 
 
 def agrpo_loss(
@@ -303,6 +319,8 @@ def agrpo_loss(
     eos_steps: Literal["include", "exclude"] = "include",
     chunk_context: Callable[[], AbstractContextManager] | None = None,
     log_ratio_clamp: float = 0.0,
+    tis_cap: float = 0.0,
+    old_exact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """AGRPO loss of a batch of rollouts -> (loss, metrics).
 
@@ -314,6 +332,12 @@ def agrpo_loss(
     KL term (required when beta > 0). `eos_steps` sets T_eff (see `horizon`); a given `plan`
     already carries it. `chunk_context()` is entered around each chunk's forward and backward
     (e.g. `agrpo.distributed.OneSync.piece`, which syncs gradients in the last chunk only).
+
+    Rollouts drawn through an approximate cache (`rollout.approximate`) record the behaviour policy mu.
+    With `tis_cap` = C > 0 each token's ratio is then taken against the exact policy before the update,
+    pi_old (the current one at the batch's first update, kept in `old_exact` [B, C], NaN-filled, for the
+    later ones), and its loss weighted by min(pi_old / mu, C); with 0 the ratio is pi / mu. Exact rollouts
+    ignore both (their record is pi_old).
     """
     if rollout.config.temperature <= 0:
         raise AgrpoError("rollouts sampled greedily (temperature 0) have no policy gradient: sample with temperature > 0")
@@ -323,15 +347,19 @@ def agrpo_loss(
         )
     if beta > 0 and ref_logits_fn is None:
         raise AgrpoError("beta > 0 needs a reference: pass ref_logits_fn (a frozen copy or the adapter disabled)")
+    if tis_cap < 0:
+        raise AgrpoError(f"tis_cap must be >= 0 (0 = off), got {tis_cap}")
     if plan is None:
         plan = plan_steps(
             rollout, num_samples, step_sampling, importance, normalization, row_valid, generator, eos_steps
         )
+    if rollout.approximate and tis_cap > 0 and old_exact is None:
+        old_exact = torch.full(rollout.step.shape, float("nan"), dtype=torch.float64, device=rollout.step.device)
     n = plan.row.numel()
     total = None
-    agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0}
+    agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0, "gap_sum": 0.0, "gap_outside": 0, "capped": 0}
     chunks = loss_chunks(policy, rollout, plan, advantages, max_rows_per_forward, eps_low, eps_high, beta, ref_logits_fn,
-                         log_ratio_clamp)
+                         log_ratio_clamp, tis_cap, old_exact)
     for _ in range(plan.chunks(max_rows_per_forward)):
         with chunk_context() if chunk_context is not None else contextlib.nullcontext():
             loss, stats = next(chunks)
@@ -340,7 +368,7 @@ def agrpo_loss(
                 loss = loss.detach()
         total = loss if total is None else total + loss
         for key in agg:
-            agg[key] += stats[key]
+            agg[key] += stats.get(key, 0)
     if total is None:  # nothing to learn from (every reward None, or empty completions)
         core = unwrap(policy)
         total = sum(p.sum() * 0.0 for p in core.parameters() if p.requires_grad)
@@ -356,6 +384,11 @@ def agrpo_loss(
         "loss_tokens": agg["tokens"],
         "samples": n,
     }
+    if rollout.approximate:
+        metrics["offpolicy_logratio"] = agg["gap_sum"] / tokens
+        metrics["offpolicy_outside_clip"] = agg["gap_outside"] / tokens
+        if tis_cap > 0:
+            metrics["tis_capped"] = agg["capped"] / tokens
     return total, metrics
 
 
@@ -374,6 +407,13 @@ class AGRPOKeys:
         default="stratified", metadata={"help": "how the K steps are drawn"}
     )
     importance: Literal["none", "entropy"] = field(default="none", metadata={"help": "entropy importance sampling of steps"})
+    tis_cap: float = field(
+        default=2.0,
+        metadata={"help": "rollouts from an approximate cache (sampling.cache=prefix|dual on a bidirectional model): "
+                  "ratio against the exact policy before the update, each token weighted by min(pi_old/mu, C) "
+                  "(truncated importance sampling; the batch's steps are drawn once for all its updates); "
+                  "0 = ratio against the sampler's mu. Exact rollouts ignore it"},
+    )
 
 
 @register
@@ -389,6 +429,8 @@ class AGRPO(Objective):
     top_level = AGRPOKeys
 
     def check(self, cfg) -> None:
+        if cfg.tis_cap < 0:
+            raise AgrpoError(f"tis_cap must be >= 0 (0 = off), got {cfg.tis_cap}")
         if cfg.num_samples < 1:
             raise AgrpoError(f"num_samples must be >= 1, got {cfg.num_samples}")
         if cfg.num_samples > cfg.sampling.steps:
@@ -402,17 +444,33 @@ class AGRPO(Objective):
         cfg = ctx.cfg
         # a block-diffusion model: K steps in every block, one forward scoring a step of each block
         draw = plan_steps if unwrap(ctx.policy).block_size is None else _block_step_plan
+        fixed = cfg.tis_cap > 0 and any(p.rollout.approximate for p in parts)
+        if inner > 0 and fixed:  # the exact old log-probs are known for the first update's draws: keep them
+            return replay_update(ctx, parts, [p.state["plan"] for p in parts], tis_cap=cfg.tis_cap)
         plans = [
             draw(p.rollout, cfg.num_samples, cfg.step_sampling, cfg.importance, cfg.normalization, p.valid,
                  p.generator, cfg.eos_steps)
             for p in parts
         ]
-        return replay_update(ctx, parts, plans)
+        for p, plan in zip(parts, plans):
+            p.state["plan"] = plan
+        return replay_update(ctx, parts, plans, tis_cap=cfg.tis_cap)
 
 
-def replay_update(ctx: Context, parts: list[Part], plans: list[StepPlan], log_ratio_clamp: float = 0.0) -> dict:
+def _old_exact(part: Part, tis_cap: float) -> torch.Tensor | None:
+    if not (part.rollout.approximate and tis_cap > 0):
+        return None
+    if "old_exact" not in part.state:
+        part.state["old_exact"] = torch.full(part.rollout.step.shape, float("nan"), dtype=torch.float64,
+                                             device=part.rollout.step.device)
+    return part.state["old_exact"]
+
+
+def replay_update(ctx: Context, parts: list[Part], plans: list[StepPlan], log_ratio_clamp: float = 0.0,
+                  tis_cap: float = 0.0) -> dict:
     """Back-propagate the replayed-trajectory loss of each part's plan (its draws normalised over the whole
-    batch of every process) with one gradient sync -> the step's global metrics."""
+    batch of every process) with one gradient sync -> the step's global metrics. Rollouts of an approximate
+    sampler keep the exact old log-probs of their tokens on `part.state["old_exact"]` (see `agrpo_loss`)."""
     cfg, accelerator, policy = ctx.cfg, ctx.accelerator, ctx.policy
     chunks = [plan.chunks(cfg.max_rows_per_forward) for plan in plans]
     total, count = totals(accelerator, sum(plan.count for plan in plans), sum(chunks))
@@ -427,7 +485,7 @@ def replay_update(ctx: Context, parts: list[Part], plans: list[StepPlan], log_ra
             policy, part.rollout, part.advantages, plan=plan,
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logits_fn=ctx.ref_logits_fn,
             max_rows_per_forward=cfg.max_rows_per_forward, backward=accelerator.backward, chunk_context=sync.piece,
-            log_ratio_clamp=log_ratio_clamp,
+            log_ratio_clamp=log_ratio_clamp, tis_cap=tis_cap, old_exact=_old_exact(part, tis_cap),
         )
         if real:  # a padding piece's tokens weigh nothing in the loss and count in no metric
             add_piece(sums, m)

@@ -114,8 +114,12 @@ def settings_of(cfg, name: str):
 
 # -- pieces the objectives share ------------------------------------------------------------------
 
+OFFPOLICY = ("offpolicy_logratio", "offpolicy_outside_clip", "tis_capped")
+
+
 def new_sums() -> dict:
-    return {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0}
+    # the off-policy keys are summed on every process (one all-reduce of the same keys), reported when any piece had them
+    return {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "kl_sum": 0.0, "approximate": 0.0, **dict.fromkeys(OFFPOLICY, 0.0)}
 
 
 def add_piece(sums: dict, metrics: dict) -> None:
@@ -125,13 +129,20 @@ def add_piece(sums: dict, metrics: dict) -> None:
     sums["tokens"] += tokens
     sums["clipped"] += metrics["clip_frac"] * max(tokens, 1)
     sums["kl_sum"] += metrics["kl"] * max(tokens, 1)
+    if "offpolicy_logratio" in metrics:  # rollouts of an approximate sampler: the gap between the exact policy and mu
+        sums["approximate"] += 1
+        for key in OFFPOLICY:
+            sums[key] += metrics.get(key, 0.0) * max(tokens, 1)
 
 
 def global_metrics(accelerator, sums: dict) -> dict:
     """The step's loss, clip fraction and KL over every process."""
     g = reduce_sum(accelerator, sums)
     tokens = max(g["tokens"], 1.0)
-    return {"loss": g["loss"] / accelerator.num_processes, "clip_frac": g["clipped"] / tokens, "kl": g["kl_sum"] / tokens}
+    out = {"loss": g["loss"] / accelerator.num_processes, "clip_frac": g["clipped"] / tokens, "kl": g["kl_sum"] / tokens}
+    if g.get("approximate", 0) > 0:
+        out.update({key: g[key] / tokens for key in OFFPOLICY})
+    return out
 
 
 def with_objective_settings(cls):

@@ -46,3 +46,22 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, ratio: torch.Tensor | None
     diff = ref_logp - logp
     kl = torch.exp(diff) - diff - 1.0
     return kl if ratio is None else ratio * kl
+
+
+def truncated_is(old_exact: torch.Tensor, behaviour: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(pi_old / mu, C) per token: the weight that makes tokens drawn from a behaviour distribution mu (an
+    approximate sampler's) count as draws from pi_old, truncated at C (truncated importance sampling, the
+    practice of LLM trainers whose inference engine is not the trainer). Detached: a weight, not a gradient path."""
+    return torch.exp((old_exact - behaviour).detach()).clamp(max=cap)
+
+
+def exact_old_log_probs(store: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                        logp: torch.Tensor) -> torch.Tensor:
+    """log pi_old of the tokens at (row, pos): read from `store` ([B, C], NaN = not yet scored), or, for a token
+    scored for the first time (the batch's first update, before any optimizer step), the current log-prob
+    detached, which is then written to `store` for the batch's later updates."""
+    rows = row[:, None].expand_as(pos)
+    seen = store[rows, pos]
+    old = torch.where(torch.isnan(seen), logp.detach().to(store.dtype), seen)
+    store[rows[valid], pos[valid]] = old[valid]
+    return old.to(logp.dtype)
