@@ -4,7 +4,7 @@
     agrpo sft   [-c preset.yaml] [key=value ...]     masked-diffusion supervised training
     agrpo eval  [-c preset.yaml] [key=value ...]     held-out accuracy
     agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
-    agrpo bench rollout|loss [--json]                speed against a naive baseline
+    agrpo bench rollout|loss [--json] [key=value]    speed against a naive baseline (--help: the settings)
     agrpo config train|sft|eval|study|export         every field, its default and its help
     agrpo study [key=value ...]                      base vs diffu-GRPO vs AGRPO over seeds, steps, estimator variance
     agrpo plot RUN                                   redraw RUN/curves.png from RUN/metrics.jsonl
@@ -87,15 +87,15 @@ def _run(argv: list[str]) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        from agrpo.bench import run_loss, run_rollout
+        from agrpo.bench import describe_settings, run_named
 
         if not rest or rest[0] not in ("rollout", "loss"):
-            raise AgrpoError("usage: agrpo bench rollout|loss [--json]")
-        json_out = "--json" in rest[1:]
-        unknown = [a for a in rest[1:] if a != "--json"]
-        if unknown:
-            raise AgrpoError(f"unknown bench argument {unknown[0]!r}: only --json is accepted")
-        (run_rollout if rest[0] == "rollout" else run_loss)(json_out=json_out)
+            raise AgrpoError("usage: agrpo bench rollout|loss [--json] [key=value ...]")
+        if any(a in ("-h", "--help") for a in rest[1:]):
+            print(f"agrpo bench {rest[0]} [--json] [key=value ...]\n")
+            print(describe_settings())
+            return 0
+        run_named(rest[0], rest[1:])
         return 0
     if command in ("--version", "version"):
         from importlib.metadata import PackageNotFoundError, version

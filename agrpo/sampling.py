@@ -514,7 +514,8 @@ def generate(
         mask_id=mask_id,
         eos_id=eos_id,
         eos_ids=eos_ids,
-        approximate=isinstance(scorer, BidirectionalCache),
+        # one step a block: every step is a block's first, which runs the whole sequence (exact)
+        approximate=isinstance(scorer, BidirectionalCache) and cfg.steps_per_block > 1,
     )
 
 

@@ -109,14 +109,15 @@ def test_every_recorded_log_prob_is_the_cached_forward_recomputed(case, cache, s
 @pytest.mark.parametrize("shift", [False, True], ids=["llada", "dream"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_one_step_per_block_draws_what_the_uncached_sampler_draws(cache, shift):
-    """With one step a block every step is a block's first: the cached sampler runs the whole sequence each time."""
+    """With one step a block every step is a block's first: the cached sampler runs the whole sequence each time, and
+    its rollouts are not marked approximate."""
     policy = Policy(tiny_model(2, logit_scale=3.0), shift_logits=shift)
     ids, mask = padded([5, 9, 4])
     cfg = dataclasses.replace(BASE, steps=3, stop_at_eos=False)
     a = generate(policy, ids, mask, cfg, torch.Generator().manual_seed(1))
     b = generate(policy, ids, mask, dataclasses.replace(cfg, cache=cache), torch.Generator().manual_seed(1))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step, b.step)
-    assert (a.logp - b.logp).abs().max() < 1e-6 and not a.approximate and b.approximate
+    assert (a.logp - b.logp).abs().max() < 1e-6 and not a.approximate and not b.approximate
 
 
 @pytest.mark.parametrize("shift", [False, True], ids=["llada", "dream"])
@@ -239,3 +240,31 @@ def test_truncated_is_loss_and_gradient_match_the_formula(inner):
     assert scale > 0 and all(float((g - q.grad).abs().max()) < 1e-9 * scale for g, q in zip(grads, policy.parameters()))
     assert 0 < m["tis_capped"] < 1  # some weights truncated, not all
     assert (m["ratio_mean"] == pytest.approx(1.0, abs=1e-12)) == (inner == 0)
+
+
+def test_later_updates_of_a_batch_reuse_its_draws_and_their_old_log_probs():
+    """With truncated IS, the batch's second update scores the first update's draws against the exact old log-probs
+    the first stored: nothing new is written, and its loss is the same plan's."""
+    from accelerate import Accelerator
+
+    from agrpo.objectives import Context, Part, get_objective
+    from agrpo.recipes.rl import RLConfig
+
+    policy = Policy(tiny_model(3, logit_scale=4.0))
+    ids, mask = padded([5, 9, 7, 3])
+    r = generate(policy, ids, mask, dataclasses.replace(BASE, cache="dual", top_k=8), torch.Generator().manual_seed(7))
+    part = Part(r, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool), [1.0, 0.0, 1.0, 0.0],
+                torch.Generator().manual_seed(3))
+    cfg = RLConfig(num_samples=3, tis_cap=2.0)
+    ctx = Context(Accelerator(cpu=True), policy, None, cfg)
+    objective = get_objective("agrpo")
+    objective.update(ctx, [part], 0)
+    plan, stored = part.state["plan"], part.state["old_exact"].clone()
+    assert int((~torch.isnan(stored)).sum()) > 0
+    with torch.no_grad():
+        for q in policy.parameters():
+            q.mul_(1.01)
+    objective.update(ctx, [part], 1)
+    assert part.state["plan"] is plan
+    assert torch.equal(torch.isnan(part.state["old_exact"]), torch.isnan(stored))
+    assert torch.equal(part.state["old_exact"].nan_to_num(), stored.nan_to_num())

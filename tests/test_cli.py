@@ -42,3 +42,14 @@ def test_unknown_command_is_one_line(capsys):
     assert main(["bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown command" in err[0]
+
+
+def test_bench_takes_settings_and_lists_them(capsys):
+    """`agrpo bench rollout --help` lists the settings; a bad one stops in one line before any timing."""
+    assert main(["bench", "rollout", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "cache_threshold" in out and "block_batch" in out
+    assert main(["bench", "rollout", "cache_batch=0"]) == 2
+    assert capsys.readouterr().err.strip() == "agrpo: error: cache_batch must be >= 1, got 0"
+    assert main(["bench", "rollout", "fast"]) == 2
+    assert "expected key=value or --json, got 'fast'" in capsys.readouterr().err

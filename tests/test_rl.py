@@ -332,3 +332,16 @@ def test_resume_without_a_name_continues_the_newest_unfinished_run_with_its_own_
     # resume=auto: a new run when there is none, said so
     assert main(["train", *args("max_steps=1", "seed=5", "resume=auto")]) == 0
     assert "no run in" in capsys.readouterr().err and (tmp_path / "tiny-sudoku-agrpo-seed5").is_dir()
+
+
+def test_cached_rollouts_train_with_the_gap_logged(tiny_dir, tmp_path):
+    """A dual cache on the (bidirectional) tiny model: two updates a batch (the first update's draws and exact old
+    log-probs kept for the second), the off-policy gap in every step's log line; exact rollouts log none of it."""
+    kw = {"sampling.block_length": 4, "sampling.steps": 16, "sampling.cache": "dual", "inner_steps": 2}
+    summary = rl.train(small(tiny_dir, tmp_path, name="dual", max_steps=2, **kw))
+    assert summary["skipped_steps"] == 0
+    lines = [r for r in read(tmp_path / "dual") if "loss" in r]
+    assert len(lines) == 2 and all({"offpolicy_logratio", "offpolicy_outside_clip", "tis_capped"} <= set(r) for r in lines)
+    assert any(r["offpolicy_logratio"] != 0 for r in lines)
+    rl.train(small(tiny_dir, tmp_path, name="exact", max_steps=1, **{**kw, "sampling.cache": "none"}))
+    assert not any("offpolicy_logratio" in r for r in read(tmp_path / "exact"))

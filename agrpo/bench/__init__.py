@@ -85,8 +85,8 @@ class BenchConfig:
     # rollout on a bidirectional model through the approximate caches prefix and dual (agrpo.bench.cache)
     cache: bool = field(default=True, metadata={"help": "rollout: time cache=prefix, dual and dual + threshold against "
                                                 "cache=none on a LLaDA-style bidirectional model, and their off-policy gap"})
-    cache_batch: int = field(default=2, metadata={"help": "cache: prompts B (the uncached run, most of the part's time, "
-                                                   "grows with B: about 3 minutes at B=2 on one thread)"})
+    cache_batch: int = field(default=8, metadata={"help": "cache: prompts B (the uncached run, most of the part's time, "
+                                                   "grows with B: about 10 minutes at B=8 on one thread)"})
     cache_prompt_len: int = field(default=256, metadata={"help": "cache: prompt tokens P"})
     cache_gen_length: int = field(default=256, metadata={"help": "cache: completion tokens C"})
     cache_block_length: int = field(default=32, metadata={"help": "cache: semi-autoregressive block length"})
@@ -95,6 +95,10 @@ class BenchConfig:
     cache_threshold: float = field(
         default=0.9, metadata={"help": "cache: threshold of the dual + threshold mode (confidence-threshold decoding); "
                                "0 = skip that mode"})
+    cache_remasking: str = field(default="random", metadata={
+        "help": "cache: remasking of the fixed-schedule modes (low_confidence: the LM head ranks every masked position "
+                "of the block each step; random: it runs on the committed ones only); threshold decoding is always "
+                "low_confidence"})
     cache_temperature: float = field(default=1.0, metadata={"help": "cache: sampling temperature (> 0)"})
     cache_top_k: int = field(default=50, metadata={"help": "cache: top-k of the sampling filter (0 = off)"})
     cache_vocab: int = field(default=126464, metadata={"help": "cache: vocabulary (LLaDA's by default)"})
@@ -302,13 +306,14 @@ def script_main(name: str, argv: list[str]) -> dict | None:
         print(describe_settings())
         return None
     try:
-        return _script_run(name, argv)
+        return run_named(name, argv)
     except AgrpoError as err:
         print(f"benchmarks/{name}.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
-def _script_run(name: str, argv: list[str]) -> dict:
+def run_named(name: str, argv: list[str]) -> dict:
+    """Run benchmark `name` ("rollout" or "loss") with `[--json] [key=value ...]` arguments."""
     json_out = "--json" in argv
     overrides = {}
     for arg in argv:
