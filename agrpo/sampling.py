@@ -461,8 +461,9 @@ def generate(
                 noise = torch.rand(masked.shape, generator=generator, device=device)
                 pick = noise.masked_fill(~masked, -1.0).topk(kps, dim=-1).indices.sort(-1).values
                 cand = pick
-            elif cfg.threshold:  # rows may have different numbers of masked positions left: score the block
-                cand = torch.arange(blen, device=device).expand(n_rows, blen)
+            elif cfg.threshold:  # rows may have different numbers of masked positions left: each row's, padded
+                width = int(masked.sum(1).max())
+                cand = torch.argsort((~masked).to(torch.int8), dim=1, stable=True)[:, :width]
             else:
                 cand = masked.nonzero()[:, 1].view(n_rows, -1)
             logits = scorer.logits(xa, aa, start + cand)
@@ -473,7 +474,7 @@ def generate(
                 commit = torch.ones(n_rows, n_cand, dtype=torch.bool, device=device)
             else:
                 score = {"low_confidence": lp, "entropy": -ent, "margin": margin}[cfg.remasking]
-                commit = _committed(score, lp, masked if cfg.threshold else None, kps, cfg.threshold)
+                commit = _committed(score, lp, masked.gather(1, cand) if cfg.threshold else None, kps, cfg.threshold)
             r, j = commit.nonzero(as_tuple=True)  # row (of `rows`) and candidate index of every commit
             pos = cand[r, j]  # block-relative
             col = block * blen + pos

@@ -124,7 +124,7 @@ def _split(timer: ModuleTimer, total: float) -> dict:
             "other_s": round(total - backbone - head, 4)}
 
 
-def _sample(model, policy, prompts, sc, seed: int):
+def timed_generate(model, policy, prompts, sc, seed: int):
     """(rollout, seconds, split) of one timed generate with a generator of seed `seed`."""
     from agrpo.sampling import generate
 
@@ -145,9 +145,9 @@ def _compare(cfg, model, policy, prompts, threshold: float) -> dict:
     for sc in (cached_sc, plain_sc):  # two blocks each: allocator, kernels, the fast-head check
         short = dataclasses.replace(sc, gen_length=2 * sc.block_length, steps=2 * sc.steps_per_block)
         generate(policy, prompts, None, short, generator=torch.Generator().manual_seed(seed))
-    runs = [_sample(model, policy, prompts, cached_sc, seed) for _ in range(cfg.block_repeats)]
+    runs = [timed_generate(model, policy, prompts, cached_sc, seed) for _ in range(cfg.block_repeats)]
     cached, cached_s, cached_split = min(runs, key=lambda r: r[1])
-    plain, plain_s, plain_split = _sample(model, policy, prompts, plain_sc, seed)
+    plain, plain_s, plain_split = timed_generate(model, policy, prompts, plain_sc, seed)
 
     tokens = cfg.block_batch * cfg.block_gen_length
     steps_taken = (cached.step.max(1).values + 1).double().mean().item()  # a row's steps are consecutive from 0
