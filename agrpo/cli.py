@@ -6,7 +6,7 @@
     agrpo export model=RUN out=DIR                   a LLaDA / Dream model in its hub layout
     agrpo bench rollout|loss [--json] [key=value]    speed against a naive baseline (--help: the settings)
     agrpo config train|sft|eval|study|export         every field, its default and its help
-    agrpo study [key=value ...]                      base vs diffu-GRPO vs AGRPO over seeds, steps, estimator variance
+    agrpo study [key=value ...]                      any objectives over seeds: ordering, fewer steps, variance, cost, gradient quality
     agrpo plot RUN                                   redraw RUN/curves.png from RUN/metrics.jsonl
     agrpo --version
 
