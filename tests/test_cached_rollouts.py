@@ -11,7 +11,9 @@ from agrpo.errors import AgrpoError
 from agrpo.objectives.agrpo import agrpo_loss, plan_steps, rebuild_states
 from agrpo.policy import Policy
 from agrpo.sampling import SamplingConfig, generate, token_log_prob
-from conftest import EOS, MASK, PAD, prompts, tiny_model
+from conftest import MASK, prompts, tiny_model
+from test_block_sampling import eos_prone
+from test_block_sampling import padded_prompts as padded
 
 BL = 4
 BASE = SamplingConfig(gen_length=12, block_length=BL, steps=12, temperature=1.0, remasking="low_confidence",
@@ -23,26 +25,6 @@ CASES = {
     "random": dataclasses.replace(BASE, remasking="random", steps=6),
 }
 EOS_BIAS = {"fixed": 4.5, "top-k": 2.5, "threshold": 4.0, "random": 5.5}  # some rows stop early, not all
-
-
-def padded(lengths, seed=0):
-    width = max(lengths)
-    ids = prompts(len(lengths), width, seed)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, : width - n] = PAD
-        mask[b, : width - n] = 0
-    return ids, mask
-
-
-def eos_prone(policy, bias):
-    def hook(module, args, out):
-        out = out.clone()
-        out[..., EOS] += bias
-        return out
-
-    policy.model.get_output_embeddings().register_forward_hook(hook)
-    return policy
 
 
 def reference_logit_row(model, x_block, x_now, attn, a, b, dual, state):

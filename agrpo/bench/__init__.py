@@ -164,29 +164,31 @@ def sampling_config(cfg: BenchConfig):
     )
 
 
-def build_model(cfg: BenchConfig):
-    """(HF model, Policy): a seeded, randomly initialised bidirectional Llama."""
+def bidirectional_llama(seed: int, vocab: int, hidden: int, intermediate: int, layers: int, heads: int,
+                        positions: int, mask_id: int, eos_id: int, logit_scale: float = 1.0):
+    """(HF model, Policy): a seeded, randomly initialised bidirectional Llama (as many key/value heads as heads,
+    untied head, multiplied by `logit_scale`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from agrpo.policy import Policy
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=cfg.vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        max_position_embeddings=max(256, cfg.prompt_len + cfg.gen_length),
-        is_causal=False,
-        tie_word_embeddings=False,
-        mask_token_id=cfg.mask_id,
-        eos_token_id=cfg.eos_id,
-        pad_token_id=cfg.eos_id,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=positions, is_causal=False,
+        tie_word_embeddings=False, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     model = LlamaForCausalLM(config).eval()
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(logit_scale)
     return model, Policy(model)
+
+
+def build_model(cfg: BenchConfig):
+    """(HF model, Policy): the seeded, randomly initialised bidirectional Llama of the first part."""
+    return bidirectional_llama(cfg.seed, cfg.vocab, cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads,
+                               max(256, cfg.prompt_len + cfg.gen_length), cfg.mask_id, cfg.eos_id)
 
 
 def make_prompts(cfg: BenchConfig) -> torch.Tensor:

@@ -118,31 +118,11 @@ def cache_sampling(cfg, cache: str, threshold: float = 0.0):
 
 def build_cache_model(cfg):
     """(HF model, Policy): a seeded, randomly initialised LLaDA-style bidirectional Llama, float32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from agrpo.bench import bidirectional_llama
 
-    from agrpo.policy import Policy
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        vocab_size=cfg.cache_vocab,
-        hidden_size=cfg.cache_hidden,
-        intermediate_size=cfg.cache_intermediate,
-        num_hidden_layers=cfg.cache_layers,
-        num_attention_heads=cfg.cache_heads,
-        num_key_value_heads=cfg.cache_heads,
-        max_position_embeddings=max(4096, cfg.cache_prompt_len + cfg.cache_gen_length),
-        is_causal=False,
-        tie_word_embeddings=False,
-        mask_token_id=cfg.cache_mask_id,
-        eos_token_id=cfg.cache_eos_id,
-        pad_token_id=cfg.cache_eos_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).eval()
-    if cfg.cache_logit_scale != 1.0:
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(cfg.cache_logit_scale)
-    return model, Policy(model)
+    return bidirectional_llama(cfg.seed, cfg.cache_vocab, cfg.cache_hidden, cfg.cache_intermediate, cfg.cache_layers,
+                               cfg.cache_heads, max(4096, cfg.cache_prompt_len + cfg.cache_gen_length),
+                               cfg.cache_mask_id, cfg.cache_eos_id, cfg.cache_logit_scale)
 
 
 def cache_prompts(cfg) -> torch.Tensor:
