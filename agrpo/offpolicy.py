@@ -36,7 +36,7 @@ def behaviour_gap(policy, rollout: Rollout, max_states: int = 0, batch: int = 4,
     committed), `batch` states a forward. Returns {"d": float64 [N], "first": bool [N] (committed at its
     block's first step), "states": scored, "states_total": all states of the rollout}.
     """
-    from agrpo.objectives.agrpo import rebuild_states
+    from agrpo.objectives.agrpo import _plan, replay_inputs
 
     sampled, step = rollout.sampled, rollout.step
     bsz = step.shape[0]
@@ -49,18 +49,10 @@ def behaviour_gap(policy, rollout: Rollout, max_states: int = 0, batch: int = 4,
     ds, firsts = [], []
     for i in range(0, states.shape[0], batch):
         row, t = states[i : i + batch, 0], states[i : i + batch, 1]
-        sel = (step[row] == t[:, None]) & sampled[row]  # [b, C]: the tokens each state committed
-        width = int(sel.sum(1).max())
-        pos = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]  # committed positions first
-        valid = sel.gather(1, pos)
-        x = rebuild_states(rollout, row, t)
-        logits = policy(x, rollout.prompt_len + pos, rollout.attention_mask[row])
-        filt = None
-        if rollout.filter_ids is not None:
-            f = rollout.filter_ids[row]
-            filt = f.gather(1, pos[:, :, None].expand(-1, -1, f.shape[-1]))
-        tokens = rollout.completion[row].gather(1, pos)
-        exact, _ = token_log_prob(logits, tokens, rollout.config.temperature, filt, rollout.mask_id)
+        draws = _plan(rollout, row, t, torch.ones_like(row, dtype=torch.float64), "sequence", 1.0)
+        pos, valid = draws.positions, draws.valid  # the tokens each state committed, padded
+        x, attn, abs_pos, tokens, filt = replay_inputs(rollout, row, t, pos)
+        exact, _ = token_log_prob(policy(x, abs_pos, attn), tokens, rollout.config.temperature, filt, rollout.mask_id)
         d = exact.double() - rollout.logp[row].gather(1, pos).double()
         ds.append(d[valid])
         firsts.append(first_all[row].gather(1, pos)[valid])

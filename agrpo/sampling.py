@@ -584,9 +584,9 @@ class BidirectionalCache:
         # the window run at every step: the block, and for a shifted model the state before it that scores its first
         # position (the block's last state scores nothing in the block, but its token must be seen by the others)
         a, b = self.start - self.shift, self.start + self.blen
-        pos_ids = (aa.long().cumsum(-1) - 1).clamp(min=0)
         index = positions - self.shift - a  # into the window
         if self.cache is None:  # the block's first step: the whole sequence, its keys and values kept
+            pos_ids = self.pos_ids = (aa.long().cumsum(-1) - 1).clamp(min=0)
             ar = torch.arange(length, device=xa.device)
             order = torch.cat([ar[:a], ar[b:], ar[a:b]]) if self.dual else ar
             first = length - (b - a) if self.dual else a  # where the window starts in `order`
@@ -597,8 +597,8 @@ class BidirectionalCache:
             self.keys = torch.cat([aa[:, :a], aa[:, b:]], dim=1) if self.dual else aa[:, :a]
             return logits
         end = b if self.dual else length
-        return self.core.cached_logits(xa[:, a:end], torch.cat([self.keys, aa[:, a:end]], dim=1), pos_ids[:, a:end],
-                                       self.cache, store=False, rows=index)
+        return self.core.cached_logits(xa[:, a:end], torch.cat([self.keys, aa[:, a:end]], dim=1),
+                                       self.pos_ids[:, a:end], self.cache, store=False, rows=index)
 
     def end_block(self, x, attn, rows, start, blen) -> None:
         self.cache = None

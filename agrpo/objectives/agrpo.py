@@ -33,7 +33,14 @@ from torch import nn
 from agrpo.distributed import OneSync, totals
 from agrpo.errors import AgrpoError
 from agrpo.objectives.base import Context, Objective, Part, add_piece, global_metrics, new_sums, register
-from agrpo.objectives.common import clipped_surrogate, exact_old_log_probs, horizon, k3_kl, truncated_is
+from agrpo.objectives.common import (
+    clipped_surrogate,
+    exact_old_log_probs,
+    horizon,
+    k3_kl,
+    new_old_store,
+    truncated_is,
+)
 from agrpo.policy import unwrap
 from agrpo.sampling import Rollout, token_log_prob
 
@@ -216,18 +223,22 @@ def rebuild_states(rollout: Rollout, row: torch.Tensor, t: torch.Tensor) -> torc
     return x
 
 
-def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp=0.0,
-                tis_cap=0.0, old_exact=None):
-    row, t = plan.row[idx], plan.t[idx]
-    pos, valid = plan.positions[idx], plan.valid[idx]
-    x = rebuild_states(rollout, row, t)
-    attn = rollout.attention_mask[row]
-    abs_pos = rollout.prompt_len + pos
-    tokens = rollout.completion[row].gather(1, pos)
+def replay_inputs(rollout: Rollout, row: torch.Tensor, t: torch.Tensor, pos: torch.Tensor):
+    """What scoring the tokens at completion positions `pos` [S, k] of rows `row` at steps `t` takes:
+    (x_t, attention mask, absolute positions, the tokens, their recorded filters [S, k, W] or None)."""
     filt = None
     if rollout.filter_ids is not None:
         f = rollout.filter_ids[row]
         filt = f.gather(1, pos[:, :, None].expand(-1, -1, f.shape[-1]))
+    return (rebuild_states(rollout, row, t), rollout.attention_mask[row], rollout.prompt_len + pos,
+            rollout.completion[row].gather(1, pos), filt)
+
+
+def _chunk_loss(policy, rollout, plan, idx, advantages, eps_low, eps_high, beta, ref_logits_fn, log_ratio_clamp=0.0,
+                tis_cap=0.0, old_exact=None):
+    row, t = plan.row[idx], plan.t[idx]
+    pos, valid = plan.positions[idx], plan.valid[idx]
+    x, attn, abs_pos, tokens, filt = replay_inputs(rollout, row, t, pos)
     temperature = rollout.config.temperature
     logits = policy(x, abs_pos, attn)
     logp, _ = token_log_prob(logits, tokens, temperature, filt, rollout.mask_id)
@@ -354,7 +365,7 @@ def agrpo_loss(
             rollout, num_samples, step_sampling, importance, normalization, row_valid, generator, eos_steps
         )
     if rollout.approximate and tis_cap > 0 and old_exact is None:
-        old_exact = torch.full(rollout.step.shape, float("nan"), dtype=torch.float64, device=rollout.step.device)
+        old_exact = new_old_store(rollout)
     n = plan.row.numel()
     total = None
     agg = {"tokens": 0, "clipped": 0, "ratio_sum": 0.0, "kl_sum": 0.0, "gap_sum": 0.0, "gap_outside": 0, "capped": 0}
@@ -461,8 +472,7 @@ def _old_exact(part: Part, tis_cap: float) -> torch.Tensor | None:
     if not (part.rollout.approximate and tis_cap > 0):
         return None
     if "old_exact" not in part.state:
-        part.state["old_exact"] = torch.full(part.rollout.step.shape, float("nan"), dtype=torch.float64,
-                                             device=part.rollout.step.device)
+        part.state["old_exact"] = new_old_store(part.rollout)
     return part.state["old_exact"]
 
 

@@ -55,6 +55,11 @@ def truncated_is(old_exact: torch.Tensor, behaviour: torch.Tensor, cap: float) -
     return torch.exp((old_exact - behaviour).detach()).clamp(max=cap)
 
 
+def new_old_store(rollout: Rollout) -> torch.Tensor:
+    """[B, C] float64, NaN: the exact old log-probs of a batch's tokens, filled as its first update scores them."""
+    return torch.full(rollout.step.shape, float("nan"), dtype=torch.float64, device=rollout.step.device)
+
+
 def exact_old_log_probs(store: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
                         logp: torch.Tensor) -> torch.Tensor:
     """log pi_old of the tokens at (row, pos): read from `store` ([B, C], NaN = not yet scored), or, for a token
