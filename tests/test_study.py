@@ -236,8 +236,11 @@ def test_cost_and_settings_of_each_objective_come_from_its_runs(subset_study):
     assert settings["objectives"]["agrpo"] == {"num_samples": [4]}  # the preset's K; espo runs its defaults
     assert settings["objectives"]["espo"] == {}
     report = (out / "report.md").read_text()
-    assert "## 4. Cost per objective" in report and "| espo | none: its defaults |" in report
-    assert "| agrpo | `num_samples=4` |" in report
+    assert "## 4. Cost per objective" in report
+    # each objective's own settings, defaults included; the ones its runs set marked
+    assert "| espo | `espo.complement=True`, `espo.copies=2`, `espo.tokens=all` | none |" in report
+    assert "| agrpo | `importance=none`, `num_samples=4` (set), `step_sampling=stratified`, `tis_cap=2.0` | none |" in report
+    assert "Updates per batch of rollouts (mu, `inner_steps`): 1 unless" in report
     row = next(line for line in report.splitlines() if line.startswith("| espo | ") and "| 64 |" in line)
     assert row.split(" | ")[5:8] == ["2", "64", "4"]  # loss forwards, loss sequences, sampler forwards
 
@@ -414,7 +417,7 @@ def test_report_tables_from_a_synthetic_study(tmp_path):
     assert "| agrpo - espo | +16.7 points | [+3.3, +30.0] | 3 / 0 of 4 |" in report
     assert "| agrpo | 1 | 1.000 | 1.000 | n/a | [n/a, n/a] |" in report  # the equal-rollouts table, one seed
     assert "| agrpo - espo | +62.5 points |" in report
-    assert "Every run: `lr=0.0001`, `model=tiny:x`." in report and "| espo | `espo.copies=4` |" in report
+    assert "Every run: `lr=0.0001`, `model=tiny:x`." in report and "| espo | `espo.complement=True`, `espo.copies=4` (set), `espo.tokens=all` | none |" in report
     # cost: s / step, steps, rollouts seen (10 x 2 x 4), s / step at 5 steps, forwards, sequences, sampler, memory
     assert "| agrpo | 2 | 10 | 80 | 2 | 1 | 32 | 4 | 500 | 30 |" in report
     assert "| espo | 0.5 | 10 | 80 | 0.5 | 2 | 64 | 4 | 500 | 40 |" in report

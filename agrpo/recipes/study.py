@@ -409,12 +409,8 @@ def run_settings(run_dir: Path) -> dict | None:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         return None
-    import yaml
-
-    from agrpo.recipes.rl import RLConfig
-
     saved = flat_config(read_yaml(path))
-    defaults = flat_config(yaml.safe_load(yaml.safe_dump(config_to_dict(RLConfig()))))
+    defaults = default_settings()
     objective = saved.get("objective", "")
     others = set().union(*(owned_keys(o) for o in OBJECTIVES if o != objective))
     return {k: v for k, v in saved.items()
@@ -1215,11 +1211,32 @@ def _settings_lines(settings: dict | None, rollout_steps: int) -> list[str]:
              + (", ".join(f"`{k}={_value(v)}`" for k, v in settings["common"].items()) or "the defaults") + ".", ""]
     if rollout_steps:
         lines += [f"The equal-rollouts runs differ from these by `{' '.join(equal_rollouts(rollout_steps))}` alone.", ""]
-    lines += ["| objective | its settings that differ from the defaults |", "|---|---|"]
+    defaults = default_settings()
+    mu = settings["common"].get("inner_steps", defaults["inner_steps"])
+    lines += ["Each objective's own settings are its defaults (its paper's Monte Carlo copies; `agrpo config train`) "
+              "unless marked (set). Updates per batch of rollouts (mu, `inner_steps`): "
+              f"{mu} unless listed in the last column; the papers' recipes for the 8B models, their mu included, "
+              "are `configs/objectives/<name>.yaml`.", "",
+              "| objective | its own settings in these runs | other settings that differ from the defaults |",
+              "|---|---|---|"]
     for o, keys in settings["objectives"].items():
-        text = ", ".join(f"`{k}={' / '.join(_value(v) for v in values)}`" for k, values in sorted(keys.items()))
-        lines.append(f"| {o} | {text or 'none: its defaults'} |")
+        own = {k: [defaults[k]] for k in sorted(owned_keys(o)) if k in defaults}
+        own.update({k: v for k, v in keys.items() if k in own})
+        text = ", ".join(f"`{k}={' / '.join(_value(v) for v in values)}`" for k, values in sorted(keys.items())
+                         if k not in own)
+        mine = ", ".join(f"`{k}={' / '.join(_value(v) for v in values)}`" + ("" if values == [defaults[k]] else " (set)")
+                         for k, values in own.items())
+        lines.append(f"| {o} | {mine or 'none'} | {text or 'none'} |")
     return lines + [""]
+
+
+def default_settings() -> dict:
+    """`agrpo train`'s defaults, flat (dotted keys), as a saved config.yaml holds them."""
+    import yaml
+
+    from agrpo.recipes.rl import RLConfig
+
+    return flat_config(yaml.safe_load(yaml.safe_dump(config_to_dict(RLConfig()))))
 
 
 def _cost_lines(study: dict, s: dict) -> list[str]:
