@@ -255,6 +255,9 @@ def test_gradient_quality_section_of_a_study(subset_study):
     assert agrpo["cells"][-1]["cosine"] > 0.99
     report = (out / "report.md").read_text()
     assert "## 5. Gradient quality on fixed rollouts" in report and "| agrpo | 4* |" in report
+    # the advantages alone: AGRPO's are the reference's, ESPO's leave-one-out ones a multiple of them
+    assert q["advantage_cosine"] == pytest.approx({"agrpo": 1.0, "espo": 1.0}, abs=1e-6)
+    assert "| espo | `espo.copies` | mask draws per completion, each with its complement | 1.000 |" in report
     assert (out / "quality.png").stat().st_size > 0
 
 
@@ -332,6 +335,27 @@ def test_gradient_quality_exact_at_every_step_and_a_biased_proxy(tiny_batch):
     # a biased proxy: a cosine in [-1, 1], and far below what the noise of its 32 draws would explain
     assert -1 <= d["cosine"] <= 1 and math.isfinite(d["relative_variance"]) and d["relative_variance"] > 0
     assert 0 < d["noise_cosine"] <= 1 and -1 <= d["draw_cosine"] <= 1 and d["cosine"] < 0.5 * d["noise_cosine"]
+
+
+def test_the_advantages_alone_turn_the_exact_gradient_by_their_own_cosine(tiny_batch):
+    """The exact every-step gradient with an objective's own advantages against the reference's: AGRPO's (the
+    preset's) and leave-one-out ones (a multiple of them) give 1; BGPO's z-scores weigh each group by 1/std;
+    TraceRL z-scores and drops the groups outside its accuracy band. Checked against the gradient recomputed here
+    with z-scores."""
+    import torch
+
+    from agrpo.objectives.agrpo import every_step_plan
+
+    base, batch = tiny_batch
+    cos = S.advantage_cosines(base, ["agrpo", "espo", "bgpo", "tracerl"], batch)
+    assert cos["agrpo"] == pytest.approx(1.0, abs=1e-6) and cos["espo"] == pytest.approx(1.0, abs=1e-6)
+    r = torch.tensor(batch.rewards, dtype=torch.float64).view(-1, base.group_size)
+    centred, std = r - r.mean(1, keepdim=True), r.std(1, keepdim=True, unbiased=False)
+    z = torch.where(std > 0, centred / std.clamp(min=1e-12), torch.zeros_like(r)).flatten().float()
+    plan = every_step_plan(batch.rollout, base.normalization, None, base.eos_steps)
+    expected = S._cos(S.direct_gradient(batch.policy, batch.rollout, z, plan), S.exact_gradient(base, batch))
+    assert cos["bgpo"] == pytest.approx(expected, abs=1e-5) and cos["bgpo"] < 0.999
+    assert cos["tracerl"] < 0.99 and abs(cos["tracerl"] - cos["bgpo"]) > 0.01  # its dropped groups count too
 
 
 def test_every_objective_runs_its_own_update_in_the_quality_section(tiny_batch):

@@ -287,6 +287,13 @@ def run_study(cfg: StudyConfig) -> dict:
             _say(cfg, f"study: gradient quality of {', '.join(reused)}: measured before, reused")
         quality = {**{k: v for k, v in parts[0].items() if k != "objectives"},
                    "objectives": [e for part in parts for e in part["objectives"]]}
+        key = {"objectives": objectives, **_quality_key(cfg, base_cfg, "")}
+        quality["advantage_cosine"] = _kept(out, "advantage-cosine", key)
+        if quality["advantage_cosine"] is None:
+            if batch is None:
+                batch = fixed_batch(base_cfg, cfg.variance_prompts)
+            quality["advantage_cosine"] = advantage_cosines(base_cfg, objectives, batch)
+            _keep(out, "advantage-cosine", key, quality["advantage_cosine"])
 
     study = {
         "preset": preset, "overrides": common, "config": config_to_dict(cfg), "train_config": config_to_dict(base_cfg),
@@ -946,6 +953,21 @@ def exact_gradient(base_cfg, batch: FixedBatch) -> torch.Tensor:
     return direct_gradient(batch.policy, batch.rollout, adv, plan, base_cfg.eps_low, base_cfg.eps_high)
 
 
+def advantage_cosines(base_cfg, objectives: list[str], batch: FixedBatch) -> dict:
+    """Per objective, the cosine of the exact trajectory-likelihood gradient taken with the objective's own
+    advantages (and the rows it keeps) with `exact_gradient`'s (the preset's advantages): how far the choice of
+    advantages alone turns the gradient, apart from how the likelihood is estimated (None: no row kept)."""
+    exact = exact_gradient(base_cfg, batch)
+    result = {}
+    for o in objectives:
+        own = replace(base_cfg, objective=o)
+        adv, valid = get_objective(o).advantages(batch.rewards, own.group_size, own)
+        plan = every_step_plan(batch.rollout, base_cfg.normalization, valid, base_cfg.eos_steps)
+        g = direct_gradient(batch.policy, batch.rollout, adv, plan, base_cfg.eps_low, base_cfg.eps_high)
+        result[o] = _cos(g, exact) if float(g.norm()) > 0 else None
+    return result
+
+
 def gradient_quality(base_cfg, objectives: list[str], knob_values: list[int], repeats: int, batch: FixedBatch,
                      progress: bool = False) -> dict:
     """Per objective and value of its knob: n gradients g of its own update on the fixed batch (n below), each
@@ -1308,9 +1330,21 @@ def _quality_lines(q: dict | None) -> list[str]:
               "the mean cosine of one estimate, what one step's gradient points along. * marks the value the runs use. "
               "At the base's weights every ratio is 1, so objectives that differ only in how they weigh or clip ratios "
               "give the same gradient here (StableDRL's group weights are 1/G: SPG's gradient)."),
-             "", "| objective | knob | what it counts |", "|---|---|---|"]
+             ""]
+    alone = q.get("advantage_cosine")
+    if alone:
+        lines += [("Advantages alone: the objectives also differ from the reference in their advantages (z-scores, "
+                   "groups dropped); the last column is the cosine of the exact gradient taken with the objective's own "
+                   "advantages and rows with the reference, so a cos(E g) near it is the advantages' doing, and the rest "
+                   "is the likelihood's estimate."), ""]
+    lines += ["| objective | knob | what it counts |" + (" exact gradient with its advantages: cosine |" if alone else ""),
+              "|---|---|---|" + ("---|" if alone else "")]
     for e in q["objectives"]:
-        lines.append(f"| {e['objective']} | {('`' + e['knob'] + '`') if e['knob'] else '-'} | {e['knob_help']} |")
+        extra = ""
+        if alone:
+            c = alone.get(e["objective"])
+            extra = f" {_f(c) if c is not None else 'no row kept'} |"
+        lines.append(f"| {e['objective']} | {('`' + e['knob'] + '`') if e['knob'] else '-'} | {e['knob_help']} |{extra}")
     lines += ["", ("| objective | knob value | estimates | relative variance | cosine of the mean | noise-only cosine | "
                    "cos(E g) | per-draw cosine | s / estimate |"),
               "|---|---|---|---|---|---|---|---|---|"]
