@@ -275,6 +275,13 @@ def test_a_subset_study_resumes_with_everything_reused(subset_study, capsys):
         assert again[o]["mean"] == result[o]["mean"] and again["rollouts"][o]["mean"] == result["rollouts"][o]["mean"]
     again_json = json.loads((out / S.STUDY).read_text())
     assert again_json["quality"] == study["quality"] and again_json["profile"] == study["profile"]
+    assert again_json["invocations"] == 1  # the earlier study.json was gone: its time is not known
+    # once more, study.json kept: the report's time is both invocations', not the last's alone
+    S.run_study(load_config(S.StudyConfig, None, SUBSET + [f"out={out}"]))
+    third = json.loads((out / S.STUDY).read_text())
+    assert third["invocations"] == 2
+    assert third["total_wall_s"] == pytest.approx(again_json["wall_s"] + third["wall_s"])
+    assert f"Study time {third['total_wall_s'] / 60:.1f} min over 2 invocations" in (out / "report.md").read_text()
 
 
 def test_a_finished_run_trained_otherwise_is_refused_before_any_training(subset_study, capsys):

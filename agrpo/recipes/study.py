@@ -302,8 +302,20 @@ def run_study(cfg: StudyConfig) -> dict:
         "runs_rollouts": runs_rollouts, "eval": evaluation, "variance": variance, "variance_eos": variance_eos,
         "profile": profile, "quality": quality, "wall_s": time.perf_counter() - t0,
     }
+    # the time of every finished invocation on this `out` (a later one reuses what the earlier ones computed)
+    before = _earlier_invocations(out / STUDY)
+    study["invocations"], study["total_wall_s"] = before[0] + 1, before[1] + study["wall_s"]
     write_atomic(out / STUDY, json.dumps(study, indent=1) + "\n")
     return write_report(study, out)
+
+
+def _earlier_invocations(path: Path) -> tuple[int, float]:
+    """(finished invocations, their seconds) recorded in an earlier study.json of the same `out`; (0, 0) when none."""
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0, 0.0
+    return int(prev.get("invocations", 1)), float(prev.get("total_wall_s", prev.get("wall_s", 0.0)))
 
 
 VARIANCE_FIELDS = ("variance_k", "variance_samplers", "variance_prompts", "variance_repeats", "eos_variance")
@@ -1386,7 +1398,7 @@ def write_report(study: dict, out: Path) -> dict:
         "",
         f"Task `{study['task']}`, base `{study['base_model']}`, preset `{Path(study['preset']).name}`"
         + (f" with {' '.join(study['overrides'])}" if study["overrides"] else "") + f"; objectives {', '.join(names)}; {budget}, "
-        f"{study['eval']['problems']} held-out problems, greedy decoding. Study time {study['wall_s'] / 60:.1f} min. "
+        f"{study['eval']['problems']} held-out problems, greedy decoding. Study time {_study_time(study)}. "
         "Regenerate with `agrpo study report_only=true out=...`.",
         "",
         "## 1. Ordering at the same training time (one token a step)",
@@ -1424,6 +1436,14 @@ def write_report(study: dict, out: Path) -> dict:
         result["rollouts"] = {o["objective"]: {"mean": o["mean"], "low": o["low"], "high": o["high"], "gain": o["gain"]}
                               for o in s["rollouts"]["ordering"]}
     return result
+
+
+def _study_time(study: dict) -> str:
+    n = study.get("invocations", 1)
+    if n <= 1:
+        return f"{study['wall_s'] / 60:.1f} min"
+    return (f"{study['total_wall_s'] / 60:.1f} min over {n} invocations on this directory (the last, which reused "
+            f"the earlier ones' work, {study['wall_s'] / 60:.1f} min)")
 
 
 def _variance_lines(v: dict, png: str) -> list[str]:
